@@ -1,0 +1,40 @@
+"""dysink_kernels: fused kernels and a drop-in module for DySink dynamic frame sinks.
+
+Importing the package queries no device, compiles nothing and downloads nothing;
+backends (Triton, the C++/CUDA extension) load on first use.
+"""
+
+from ._registry import available_backends
+from ._version import __version__
+from .bank import FrameBank
+from .cache import DySinkCache, SinkLayerStats
+from .config import DySinkConfig
+from .ops import (
+    SinkAttnStats,
+    apply_wan_rope,
+    gathered_sink_attention,
+    rotate_temporal,
+    select_sinks,
+    sink_gate,
+)
+from .ops.rope import wan_rope_angles, wan_rope_axis_pairs, wan_rope_freqs
+from .sink_attention import SinkAttention
+
+__all__ = [
+    "DySinkCache",
+    "DySinkConfig",
+    "FrameBank",
+    "SinkAttention",
+    "SinkAttnStats",
+    "SinkLayerStats",
+    "__version__",
+    "apply_wan_rope",
+    "available_backends",
+    "gathered_sink_attention",
+    "rotate_temporal",
+    "select_sinks",
+    "sink_gate",
+    "wan_rope_angles",
+    "wan_rope_axis_pairs",
+    "wan_rope_freqs",
+]

@@ -1,0 +1,117 @@
+"""Command line: ``python -m dysink_kernels {demo,info}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+import torch
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import format_block, run_demo, write_outputs
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    print(
+        f"dysink demo: {args.blocks} blocks, {args.layers} layers, batch {args.batch}, "
+        f"device {args.device}, backend {args.backend}, feature {args.feature}, seed {args.seed}"
+    )
+    result = run_demo(
+        blocks=args.blocks, layers=args.layers, batch=args.batch, device=args.device,
+        backend=args.backend, seed=args.seed, feature=args.feature, steps=args.steps,
+        top_k=args.top_k, sink_frames=args.sink_frames, local_frames=args.local_frames,
+        tau=args.tau, dtype=dtype, progress=not args.no_progress,
+        on_block=lambda r: print(format_block(r), flush=True),
+    )  # fmt: skip
+    summary, png = write_outputs(result, args.out)
+    stored = sum(r["stored"] for r in result.blocks)
+    gated = sum(r["gated"] for r in result.blocks)
+    decisions = sum(r["gate_decisions"] for r in result.blocks)
+    print(
+        f"done in {result.seconds:.1f} s: {stored}/{len(result.blocks)} blocks stored, "
+        f"{gated}/{decisions} gate decisions dropped an entry"
+    )
+    print(f"wrote {summary}" + (f" and {png}" if png else " (no matplotlib: no PNG)"))
+    return 0
+
+
+def info() -> dict:
+    """Versions, devices and the backends each op can use."""
+    from . import __version__
+    from ._registry import available_backends, registered_ops
+
+    out: dict = {
+        "dysink_kernels": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
+    }
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        out["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        devices.append("cuda")
+    out["backends"] = {
+        op: {dev: available_backends(op, dev) for dev in devices} for op in registered_ops()
+    }
+    return out
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    data = info()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    for key, value in data.items():
+        if key != "backends":
+            print(f"{key:18} {value}")
+    print("backends:")
+    for op, per_dev in data["backends"].items():
+        print(f"  {op:20} " + "  ".join(f"{d}: {','.join(b)}" for d, b in per_dev.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dysink_kernels", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", help="autoregressive demo through DySinkCache/SinkAttention")
+    d.add_argument("--blocks", type=int, default=24)
+    d.add_argument("--layers", type=int, default=4)
+    d.add_argument("--batch", type=int, default=1)
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--backend", default="auto")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--feature", choices=["external", "mean_key"], default="external")
+    d.add_argument("--steps", type=int, default=4, help="denoising steps per block")
+    d.add_argument("--top-k", type=int, default=2)
+    d.add_argument("--sink-frames", type=int, default=0)
+    d.add_argument("--local-frames", type=int, default=9)
+    d.add_argument("--tau", type=float, default=0.8)
+    d.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    d.add_argument("--out", default="demo_out", help="folder for summary.json and timeline.png")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(fn=_cmd_demo)
+
+    i = sub.add_parser("info", help="versions, devices and available backends")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=_cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""FrameBank: a preallocated, on-device pool of past blocks' K/V (DESIGN 3.4)."""
+
+from __future__ import annotations
+
+import torch
+
+from .ops.bank_insert import bank_insert
+
+__all__ = ["FrameBank"]
+
+
+class FrameBank:
+    """Fixed-shape pool of bank entries for a whole model.
+
+    One entry (slot) holds one block of ``entry_tokens`` tokens: its post-RoPE K/V
+    for every layer, per-layer mean keys, a feature vector, the sample that owns
+    it, the block's first frame and an insertion stamp. Slots are partitioned per
+    sample: sample ``b`` uses slots ``[b * slots_per_sample, (b+1) * slots_per_sample)``,
+    at most ``max_entries`` of them, evicting its oldest entry (FIFO) when full.
+
+    All state is tensors on ``device``; nothing here reads values on the host.
+
+    Attributes:
+        k, v: ``(num_layers, P, entry_tokens, H, D)`` in ``dtype``.
+        mean_k: ``(num_layers, P, H, D)`` fp32 per-slot mean key of each layer.
+        feature: ``(P, F)`` fp32 L2-normalised features (``None`` until ``F`` is known).
+        owner: ``(P,)`` int32 owning sample, ``-1`` = free.
+        frame: ``(P,)`` int32 first frame of the entry, ``-1`` = free.
+        stamp: ``(P,)`` int64 insertion order (FIFO eviction).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        slots_per_sample: int,
+        entry_tokens: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+        max_entries: int | None = None,
+        feature_dim: int | None = None,
+    ) -> None:
+        if slots_per_sample < 0:
+            raise ValueError(f"slots_per_sample must be >= 0, got {slots_per_sample}")
+        self.num_layers = num_layers
+        self.batch_size = batch_size
+        self.slots_per_sample = slots_per_sample
+        self.max_entries = max_entries
+        self.limit = slots_per_sample if max_entries is None else min(max_entries, slots_per_sample)
+        self.entry_tokens = entry_tokens
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        P = batch_size * slots_per_sample
+        shape = (num_layers, P, entry_tokens, num_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.mean_k = torch.zeros(
+            num_layers, P, num_heads, head_dim, dtype=torch.float32, device=self.device
+        )
+        self.owner = torch.full((P,), -1, dtype=torch.int32, device=self.device)
+        self.frame = torch.full((P,), -1, dtype=torch.int32, device=self.device)
+        self.stamp = torch.zeros(P, dtype=torch.int64, device=self.device)
+        self.clock = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.feature: torch.Tensor | None = None
+        if feature_dim is not None:
+            self.ensure_feature_dim(feature_dim)
+
+    @property
+    def num_slots(self) -> int:
+        return self.owner.shape[0]
+
+    @property
+    def bytes_per_entry(self) -> int:
+        """K+V bytes of one entry across all layers."""
+        return 2 * self.k[:, :1].numel() * self.k.element_size()
+
+    def ensure_feature_dim(self, feature_dim: int) -> None:
+        if self.feature is None:
+            self.feature = torch.zeros(
+                self.num_slots, feature_dim, dtype=torch.float32, device=self.device
+            )
+        elif self.feature.shape[1] != feature_dim:
+            raise ValueError(
+                f"feature has {feature_dim} dims but the bank stores {self.feature.shape[1]}"
+            )
+
+    def counts(self) -> torch.Tensor:
+        """``(B,)`` int64 number of entries per sample (on the device)."""
+        B, C = self.batch_size, self.slots_per_sample
+        return (self.owner.view(B, C) >= 0).sum(dim=1)
+
+    def insert(
+        self,
+        src_k: torch.Tensor,
+        src_v: torch.Tensor,
+        src_pos: torch.Tensor,
+        feature: torch.Tensor,
+        frame: torch.Tensor,
+        dedup: float | None,
+        backend: str = "auto",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one block per sample, deciding dedup and slot on the device.
+
+        Args:
+            src_k, src_v: ``(num_layers, B, N, H, D)`` buffers holding the block.
+            src_pos: ``(entry_tokens,)`` int64 positions of the block's tokens in them.
+            feature: ``(B, F)`` block features (normalised here).
+            frame: ``()`` int64 first frame of the block.
+            dedup: skip when the max cosine to the sample's entries is ``> dedup``.
+
+        Returns:
+            ``(stored (B,) bool, slot (B,) int64)`` device tensors.
+        """
+        self.ensure_feature_dim(feature.shape[1])
+        if self.slots_per_sample == 0:
+            B = feature.shape[0]
+            none = torch.zeros(B, dtype=torch.bool, device=self.device)
+            return none, torch.full((B,), -1, dtype=torch.int64, device=self.device)
+        return bank_insert(
+            self.k, self.v, self.mean_k, self.feature, self.owner, self.frame, self.stamp,
+            self.clock, src_k, src_v, src_pos, feature, frame,
+            self.slots_per_sample, self.limit, dedup, backend=backend,
+        )  # fmt: skip
+
+    def state_dict(self) -> dict[str, torch.Tensor | None]:
+        return {
+            "k": self.k,
+            "v": self.v,
+            "mean_k": self.mean_k,
+            "feature": self.feature,
+            "owner": self.owner,
+            "frame": self.frame,
+            "stamp": self.stamp,
+            "clock": self.clock,
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor | None]) -> None:
+        for name, value in state.items():
+            if name == "feature":
+                if value is None:
+                    self.feature = None
+                    continue
+                self.ensure_feature_dim(value.shape[1])
+            current = getattr(self, name)
+            if current.shape != value.shape:
+                raise ValueError(
+                    f"bank state {name!r} has shape {tuple(value.shape)}, this bank needs "
+                    f"{tuple(current.shape)}"
+                )
+            current.copy_(value)

@@ -1,0 +1,394 @@
+"""DySinkCache: the window ring, the frame bank and the per-block protocol (DESIGN 3.4).
+
+Layout of the per-layer local buffer (``local_k``/``local_v``, ``(layers, B, N, H, D)``
+with ``N = (sink_frames + ring_frames) * tokens_per_frame``)::
+
+    [ static sink frames 0 .. s-1 | ring of the most recent frames (frame f at (f - s) mod R) ]
+
+Attention never concatenates: a call attends the kept bank slots (by index into
+the bank pool), up to three token ranges of the local buffer (the sinks and the
+window, which may wrap around the ring) and the call's own keys. Every quantity
+that changes from block to block (retrieved slots, window ranges, window key sums,
+write positions, frame counter) lives in a preallocated device tensor that
+``begin_block`` updates in place, so no step reads a device value on the host and
+one denoising call can be captured in a CUDA graph and replayed for later blocks.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ._validate import check_dim, check_tensor, dtype_name
+from .bank import FrameBank
+from .config import DySinkConfig
+from .ops.gathered_attn import SinkAttnStats, gathered_attention
+from .ops.select_sinks import select_sinks_impl
+from .ops.sink_gate import gate_from_means
+
+__all__ = ["DEFAULT_BANK_SLOTS", "DySinkCache", "SinkLayerStats"]
+
+DEFAULT_BANK_SLOTS = 32
+_N_RANGES = 3  # sinks, window part before the ring wraps, window part after
+
+
+class SinkLayerStats(NamedTuple):
+    """What the last attention call of one layer computed (device tensors).
+
+    Attributes:
+        attn: ``SinkAttnStats`` (``lse``, ``entropy``, ``slot_mass``) or ``None``
+            when ``config.stats`` is off.
+        slot_idx: ``(B, top_k)`` slots retrieved for this block (``-1`` = none).
+        kept_idx: ``(B, top_k)`` slots attended after the gate (empty for a commit).
+        gate_ratio: ``(B, top_k)`` fraction of voters against each slot.
+        sink_ratio: ``(B,)`` the static-sink group's ratio (``None`` without sinks).
+        sink_kept: ``(B,)`` bool, whether the static sinks were attended.
+        commit: whether this was the clean (commit) pass.
+    """
+
+    attn: SinkAttnStats | None
+    slot_idx: torch.Tensor
+    kept_idx: torch.Tensor
+    gate_ratio: torch.Tensor
+    sink_ratio: torch.Tensor | None
+    sink_kept: torch.Tensor | None
+    commit: bool
+
+
+class DySinkCache:
+    """Window ring + frame bank + per-block state for one batch of videos.
+
+    Protocol (see the README)::
+
+        cache.begin_block()                      # retrieval for this block
+        out = attn(q, k, v, cache=cache, layer=l)                # denoising calls
+        attn(q, k, v, cache=cache, layer=l, commit=True)         # clean pass, every layer
+        cache.end_block(feature)                 # store the block in the bank
+
+    Args:
+        config: the protocol's configuration.
+        batch_size: videos generated together (each has its own bank entries).
+        device, dtype: where and in which dtype K/V are kept; calls must match.
+        bank_slots: bank capacity per sample (default ``config.max_entries`` or
+            32); when ``max_entries`` is ``None`` it is also the FIFO cap.
+        backend: backend of every op the cache runs (``"auto"``, ``"naive"``, ...).
+        feature_dim: size of external features (default: taken from the first
+            ``end_block``).
+    """
+
+    def __init__(
+        self,
+        config: DySinkConfig,
+        batch_size: int = 1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        *,
+        bank_slots: int | None = None,
+        backend: str = "auto",
+        feature_dim: int | None = None,
+    ) -> None:
+        if not isinstance(config, DySinkConfig):
+            raise TypeError(f"config must be a DySinkConfig, got {type(config).__name__}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+        if bank_slots is None:
+            bank_slots = config.max_entries or DEFAULT_BANK_SLOTS
+        if isinstance(bank_slots, bool) or not isinstance(bank_slots, int) or bank_slots < 0:
+            raise ValueError(f"bank_slots must be an int >= 0, got {bank_slots!r}")
+        if config.top_k > 0 and bank_slots == 0:
+            raise ValueError("bank_slots must be > 0 when top_k > 0")
+        self.config = config
+        self.batch_size = batch_size
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype
+        self.backend = backend
+
+        c = config
+        T, H, D, Ly = c.tokens_per_frame, c.num_heads, c.head_dim, c.num_layers
+        B, s, R = batch_size, c.sink_frames, c.ring_frames
+        dev = self.device
+        n_local = (s + R) * T
+        self.local_k = torch.zeros(Ly, B, n_local, H, D, dtype=dtype, device=dev)
+        self.local_v = torch.zeros(Ly, B, n_local, H, D, dtype=dtype, device=dev)
+        # Per-frame key sums (fp32) of what the local buffer holds: window and
+        # sink means come from them without re-reading the keys.
+        self.frame_ksum = torch.zeros(Ly, B, s + R, H, D, dtype=torch.float32, device=dev)
+        self.bank = FrameBank(
+            Ly, B, bank_slots, c.block_tokens, H, D,
+            dtype=dtype, device=dev, max_entries=c.max_entries, feature_dim=feature_dim,
+        )  # fmt: skip
+        self.recent_feat: torch.Tensor | None = None
+        if feature_dim is not None:
+            self._ensure_recent(feature_dim)
+
+        # Per-block device state, updated in place by begin_block.
+        self.frame_dev = torch.zeros((), dtype=torch.int64, device=dev)
+        self.slot_idx = torch.full((B, c.top_k), -1, dtype=torch.int32, device=dev)
+        self.slot_score = torch.full((B, c.top_k), float("-inf"), device=dev)
+        self.local_ranges = torch.zeros(B, _N_RANGES, 2, dtype=torch.int32, device=dev)
+        self.window_ksum = torch.zeros(Ly, B, H, D, dtype=torch.float32, device=dev)
+        self.window_tokens = torch.zeros(B, dtype=torch.float32, device=dev)
+        self.sink_active = torch.zeros((), dtype=torch.bool, device=dev)
+        self.write_frames = torch.zeros(c.frames_per_block, dtype=torch.int64, device=dev)
+        self.write_pos = torch.zeros(c.block_tokens, dtype=torch.int64, device=dev)
+        self.last_stored = torch.zeros(B, dtype=torch.bool, device=dev)
+        self._sink_slots = torch.arange(B, dtype=torch.int32, device=dev)[:, None]
+        self._no_slots = torch.full((B, 0), -1, dtype=torch.int32, device=dev)
+
+        # Host bookkeeping (no device values).
+        self.block = 0
+        self._in_block = False
+        self._committed = [False] * Ly
+        self._stats: list[SinkLayerStats | None] = [None] * Ly
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def frame(self) -> int:
+        """First frame of the current (or next) block, known on the host."""
+        return self.block * self.config.frames_per_block
+
+    def _ensure_recent(self, feature_dim: int) -> None:
+        if self.recent_feat is None:
+            self.recent_feat = torch.zeros(
+                self.batch_size, self.config.query_blocks, feature_dim,
+                dtype=torch.float32, device=self.device,
+            )  # fmt: skip
+
+    def _check_qkv(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        c = self.config
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < c.num_layers:
+            raise IndexError(f"layer must be an int in [0, {c.num_layers}), got {layer!r}")
+        check_tensor(q, "q", 4, (self.dtype,), self.device)
+        check_tensor(k, "k", 4, (self.dtype,), self.device)
+        check_tensor(v, "v", 4, (self.dtype,), self.device)
+        B, H, D = self.batch_size, c.num_heads, c.head_dim
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            check_dim(t, name, 0, B, "batch")
+            check_dim(t, name, 2, H, "heads")
+            check_dim(t, name, 3, D, "head_dim")
+        check_dim(k, "k", 1, c.block_tokens, "block tokens")
+        if v.shape != k.shape:
+            raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+        if q.shape[1] < 1:
+            raise ValueError("q must hold at least one query")
+
+    # ----------------------------------------------------------------- protocol
+    @torch.no_grad()
+    def begin_block(self) -> None:
+        """Retrieve this block's sinks and lay out its window (all on the device)."""
+        if self._in_block:
+            raise RuntimeError(
+                f"begin_block called twice: block {self.block} has not ended (call end_block)"
+            )
+        c = self.config
+        fpb, L, s, R, T = (
+            c.frames_per_block, c.local_frames, c.sink_frames, c.ring_frames, c.tokens_per_frame,
+        )  # fmt: skip
+        dev = self.device
+        cur = self.frame_dev
+        counts = self.bank.counts()
+        B = self.batch_size
+        # Window widening while a bank holds fewer than top_k entries: each sample's
+        # own bank for its exclusion; the smallest bank of the batch for the shared
+        # window (window_scope="batch", the reference) or its own (="sample").
+        l_eff = L + (c.top_k - counts).clamp(min=0) * fpb  # (B,)
+        l_eff_win = l_eff.max().expand(B) if c.window_scope == "batch" else l_eff
+        lo = torch.clamp(cur + fpb - (l_eff_win - s), min=s)  # (B,) first previous frame
+        n_prev = (cur - lo).clamp(min=0)
+
+        if c.top_k > 0 and self.recent_feat is not None and self.bank.feature is not None:
+            ex_lo = cur - l_eff if c.exclude == "reference" else torch.minimum(lo, cur)
+            slot, score = select_sinks_impl(
+                self.recent_feat, self.bank.feature, self.bank.owner, self.bank.frame,
+                c.top_k, ex_lo, cur.expand(B), s, self.backend,
+            )  # fmt: skip
+            self.slot_idx.copy_(slot)
+            self.slot_score.copy_(score)
+
+        # Window ranges in the local buffer: [sinks] + ring part a + ring part b.
+        start = (lo - s) % R
+        len_a = torch.minimum(n_prev, R - start)
+        len_b = n_prev - len_a
+        base = s * T
+        sink_end = (torch.clamp(cur, max=s) * T).expand(B)
+        zero = torch.zeros_like(start)
+        ranges = torch.stack(
+            [zero, sink_end, base + start * T, base + (start + len_a) * T, zero + base,
+             base + len_b * T],
+            dim=1,
+        ).view(B, _N_RANGES, 2)  # fmt: skip
+        self.local_ranges.copy_(ranges)
+
+        ring_slot = torch.arange(R, device=dev)
+        in_window = ((ring_slot[None, :] - start[:, None]) % R) < n_prev[:, None]  # (B, R)
+        self.window_ksum.copy_(
+            torch.einsum("br,lbrhd->lbhd", in_window.float(), self.frame_ksum[:, :, s:])
+        )
+        self.window_tokens.copy_(n_prev * T)
+        self.sink_active.copy_((cur >= s) & (s > 0))
+
+        frames = cur + torch.arange(fpb, device=dev)
+        slots = torch.where(frames < s, frames, s + (frames - s) % R)
+        self.write_frames.copy_(slots)
+        self.write_pos.copy_((slots[:, None] * T + torch.arange(T, device=dev)).reshape(-1))
+
+        self._in_block = True
+        self._committed = [False] * c.num_layers
+        self._stats = [None] * c.num_layers
+
+    @torch.no_grad()
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        commit: bool = False,
+    ) -> torch.Tensor:
+        """One attention call of ``layer`` for the current block (see :class:`SinkAttention`)."""
+        if not self._in_block:
+            raise RuntimeError("attention called outside a block: call cache.begin_block() first")
+        self._check_qkv(layer, q, k, v)
+        if self._committed[layer]:
+            raise RuntimeError(
+                f"layer {layer} of block {self.block} was already committed; each layer "
+                "commits once, after its denoising calls"
+            )
+        c = self.config
+        B = self.batch_size
+
+        qbar = q.float().mean(dim=1)
+        kbar_local = (self.window_ksum[layer] + k.float().sum(dim=1)) / (
+            self.window_tokens + k.shape[1]
+        )[:, None, None]
+
+        ranges = self.local_ranges
+        sink_ratio = sink_kept = None
+        if c.sink_frames > 0:
+            if c.gate:
+                sink_mean = self.frame_ksum[layer, :, : c.sink_frames].sum(dim=1) / (
+                    c.sink_frames * c.tokens_per_frame
+                )
+                _, ratio_s = gate_from_means(
+                    qbar, kbar_local, sink_mean, self._sink_slots, c.tau, c.gate_scope,
+                    self.backend,
+                )  # fmt: skip
+                sink_ratio = torch.where(self.sink_active, ratio_s[:, 0], 0.0)
+                sink_kept = sink_ratio <= c.tau
+            else:
+                sink_kept = torch.ones(B, dtype=torch.bool, device=self.device)
+            ranges = ranges.clone()
+            ranges[:, 0, 1] *= sink_kept.to(ranges.dtype)
+
+        if commit or c.top_k == 0:
+            kept = self._no_slots if commit else self.slot_idx
+            ratio = torch.zeros(B, kept.shape[1], device=self.device)
+        elif c.gate:
+            kept, ratio = gate_from_means(
+                qbar, kbar_local, self.bank.mean_k[layer], self.slot_idx, c.tau, c.gate_scope,
+                self.backend,
+            )  # fmt: skip
+        else:
+            kept = self.slot_idx
+            ratio = torch.zeros(B, c.top_k, device=self.device)
+
+        out, attn_stats = gathered_attention(
+            q, self.bank.k[layer], self.bank.v[layer], kept,
+            self.local_k[layer], self.local_v[layer], ranges, k, v,
+            softmax_scale=c.softmax_scale, return_stats=c.stats, backend=self.backend,
+        )  # fmt: skip
+
+        if commit:
+            self.local_k[layer].index_copy_(1, self.write_pos, k)
+            self.local_v[layer].index_copy_(1, self.write_pos, v)
+            per_frame = k.float().view(B, c.frames_per_block, c.tokens_per_frame, *k.shape[2:])
+            self.frame_ksum[layer].index_copy_(1, self.write_frames, per_frame.sum(dim=2))
+            self._committed[layer] = True
+        self._stats[layer] = SinkLayerStats(
+            attn_stats, self.slot_idx, kept, ratio, sink_ratio, sink_kept, commit
+        )
+        return out
+
+    @torch.no_grad()
+    def end_block(self, feature: torch.Tensor | None = None) -> torch.Tensor:
+        """Store the finished block in the bank (dedup and eviction on the device).
+
+        Args:
+            feature: ``(B, F)`` block features when ``config.feature == "external"``;
+                must be ``None`` for ``"mean_key"``.
+
+        Returns:
+            ``(B,)`` bool device tensor: whether each sample's block was stored.
+        """
+        if not self._in_block:
+            raise RuntimeError("end_block called without begin_block")
+        c = self.config
+        missing = [i for i, done in enumerate(self._committed) if not done]
+        if missing:
+            raise RuntimeError(
+                f"end_block: layers {missing} of block {self.block} have no commit=True call; "
+                "run the clean pass on every layer first"
+            )
+        if c.feature == "external":
+            if feature is None:
+                raise ValueError('end_block needs a (B, F) feature when feature="external"')
+            check_tensor(feature, "feature", 2, None, self.device)
+            if not feature.is_floating_point():
+                raise TypeError(f"feature must be floating point, got {dtype_name(feature.dtype)}")
+            check_dim(feature, "feature", 0, self.batch_size, "batch")
+            if self.bank.feature is not None:
+                check_dim(feature, "feature", 1, self.bank.feature.shape[1], "feature dim")
+            feat = feature.float()
+        else:
+            if feature is not None:
+                raise ValueError('feature must be None when config.feature == "mean_key"')
+            feat = self.block_mean_key()
+        self._ensure_recent(feat.shape[1])
+
+        stored, _ = self.bank.insert(
+            self.local_k, self.local_v, self.write_pos, feat, self.frame_dev, c.dedup,
+            backend=self.backend,
+        )  # fmt: skip
+        self.last_stored.copy_(stored)
+        finite = torch.isfinite(feat).all(dim=1, keepdim=True)
+        row = self.block % c.query_blocks
+        self.recent_feat[:, row] = torch.where(finite, F.normalize(feat, dim=-1), 0.0)
+
+        self.frame_dev.add_(c.frames_per_block)
+        self.block += 1
+        self._in_block = False
+        return stored
+
+    def block_mean_key(self) -> torch.Tensor:
+        """``(B, H*D)`` L2-normalised mean keys of ``feature_layer`` over the committed block."""
+        c = self.config
+        sums = self.frame_ksum[c.mean_key_layer].index_select(1, self.write_frames).sum(dim=1)
+        return F.normalize((sums / c.block_tokens).flatten(1), dim=-1)
+
+    # ------------------------------------------------------------------ queries
+    def stats(self, layer: int) -> SinkLayerStats | None:
+        """Statistics of the last attention call of ``layer`` in this block."""
+        return self._stats[layer]
+
+    def bank_size(self) -> torch.Tensor:
+        """``(B,)`` entries per sample (device tensor)."""
+        return self.bank.counts()
+
+    def retrieved_frames(self) -> torch.Tensor:
+        """``(B, top_k)`` first frames of this block's retrieved entries (``-1`` = none)."""
+        idx = self.slot_idx.long()
+        frames = self.bank.frame.index_select(0, idx.clamp(min=0).flatten()).view_as(idx)
+        return torch.where(idx >= 0, frames, -1)
+
+    def reset(self) -> None:
+        """Forget everything: start a new video with the same buffers."""
+        self.__init__(  # type: ignore[misc]
+            self.config, self.batch_size, self.device, self.dtype,
+            bank_slots=self.bank.slots_per_sample, backend=self.backend,
+            feature_dim=None if self.bank.feature is None else self.bank.feature.shape[1],
+        )  # fmt: skip

@@ -1,0 +1,145 @@
+"""DySinkConfig: every knob of the DySink protocol, with the paper's defaults."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+__all__ = ["DySinkConfig"]
+
+GATE_SCOPES = ("batch", "sample")
+FEATURES = ("external", "mean_key")
+EXCLUDES = ("reference", "window")
+WINDOW_SCOPES = ("batch", "sample")
+
+
+def _positive_int(name: str, value: object, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DySinkConfig:
+    """Configuration of the DySink per-block protocol (DESIGN 2 and 3.4).
+
+    Model shape (no defaults, nothing hard-coded to Wan2.1-1.3B):
+        num_layers, num_heads, head_dim: attention layers and their head layout.
+        tokens_per_frame: latent tokens per frame (Wan2.1 at 480x832: 1560).
+
+    Protocol (paper defaults):
+        frames_per_block: latent frames generated per block (3).
+        local_frames: ``L``, frames of the attention window including the current
+            block (9). With static sinks the sink frames count against it, as
+            LongLive's ``local_attn_size`` does (``sink_frames=3, local_frames=12``
+            attends 3 sink frames and 9 window frames).
+        sink_frames: static sink frames pinned from the start of the video (0 in
+            DySink; LongLive uses 3). Must be a multiple of ``frames_per_block``.
+        top_k: bank entries retrieved per block (2); 0 gives a pure window.
+        tau: gate threshold: an entry is dropped when the fraction of voting
+            heads that prefer it over the window is ``> tau`` (0.8).
+        dedup: a block is not stored when its feature's max cosine against the
+            sample's stored entries is ``> dedup`` (0.95); ``None`` stores all.
+        max_entries: per-sample bank cap with FIFO eviction (``None``: the
+            cache's slot capacity is the cap).
+        gate: run the sink anomaly gate (the reference's ``sink_anomaly_gate``).
+        gate_scope: ``"batch"`` (reference) or ``"sample"``; see ``sink_gate``.
+        window_scope: how the window widens while banks hold fewer than
+            ``top_k`` entries: ``"batch"`` (reference: one window for the batch,
+            from its smallest bank) or ``"sample"`` (each sample from its own bank;
+            with ``gate_scope="sample"`` a batch then equals separate runs).
+        exclude: ``"reference"`` excludes frames ``[c - L_eff, c)`` from retrieval
+            (one block more than the window holds, as the published code does);
+            ``"window"`` excludes only the frames the window holds.
+        feature: ``"external"`` (the caller passes a feature per block to
+            ``end_block``) or ``"mean_key"`` (the L2-normalised per-head mean keys
+            of ``feature_layer``, no encoder needed).
+        feature_layer: layer whose mean keys form the ``"mean_key"`` feature
+            (default ``num_layers // 2``).
+        stats: compute ``lse``/``entropy``/``slot_mass`` on every call.
+        softmax_scale: attention scale (default ``1/sqrt(head_dim)``).
+    """
+
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    tokens_per_frame: int
+    frames_per_block: int = 3
+    local_frames: int = 9
+    sink_frames: int = 0
+    top_k: int = 2
+    tau: float = 0.8
+    dedup: float | None = 0.95
+    max_entries: int | None = None
+    gate: bool = True
+    gate_scope: str = "batch"
+    window_scope: str = "batch"
+    exclude: str = "reference"
+    feature: str = "external"
+    feature_layer: int | None = None
+    stats: bool = True
+    softmax_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_heads", "head_dim", "tokens_per_frame", "frames_per_block"):
+            _positive_int(name, getattr(self, name))
+        _positive_int("local_frames", self.local_frames)
+        _positive_int("sink_frames", self.sink_frames, 0)
+        _positive_int("top_k", self.top_k, 0)
+        if self.sink_frames % self.frames_per_block:
+            raise ValueError(
+                f"sink_frames ({self.sink_frames}) must be a multiple of frames_per_block "
+                f"({self.frames_per_block})"
+            )
+        if self.local_frames - self.sink_frames < self.frames_per_block:
+            raise ValueError(
+                f"local_frames ({self.local_frames}) must leave at least one block "
+                f"({self.frames_per_block} frames) beyond sink_frames ({self.sink_frames})"
+            )
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)):
+            raise ValueError(f"tau must be a number in [0, 1], got {self.tau!r}")
+        if not 0.0 <= self.tau <= 1.0:
+            raise ValueError(f"tau must be in [0, 1], got {self.tau!r}")
+        if self.dedup is not None and not isinstance(self.dedup, (int, float)):
+            raise ValueError(f"dedup must be a number or None, got {self.dedup!r}")
+        if self.max_entries is not None:
+            _positive_int("max_entries", self.max_entries)
+        if self.gate_scope not in GATE_SCOPES:
+            raise ValueError(f"gate_scope must be one of {GATE_SCOPES}, got {self.gate_scope!r}")
+        if self.window_scope not in WINDOW_SCOPES:
+            raise ValueError(
+                f"window_scope must be one of {WINDOW_SCOPES}, got {self.window_scope!r}"
+            )
+        if self.exclude not in EXCLUDES:
+            raise ValueError(f"exclude must be one of {EXCLUDES}, got {self.exclude!r}")
+        if self.feature not in FEATURES:
+            raise ValueError(f"feature must be one of {FEATURES}, got {self.feature!r}")
+        if self.feature_layer is not None and not (
+            isinstance(self.feature_layer, int) and 0 <= self.feature_layer < self.num_layers
+        ):
+            raise ValueError(
+                f"feature_layer must be in [0, {self.num_layers}), got {self.feature_layer!r}"
+            )
+        if self.softmax_scale is not None and not self.softmax_scale > 0:
+            raise ValueError(f"softmax_scale must be positive, got {self.softmax_scale!r}")
+
+    @property
+    def block_tokens(self) -> int:
+        """Tokens of one block (= one bank entry): ``frames_per_block * tokens_per_frame``."""
+        return self.frames_per_block * self.tokens_per_frame
+
+    @property
+    def query_blocks(self) -> int:
+        """Recent blocks whose features query the bank: ``max(1, L // frames_per_block)``."""
+        return max(1, self.local_frames // self.frames_per_block)
+
+    @property
+    def ring_frames(self) -> int:
+        """Frames the window ring holds besides sinks: the widest window before the block."""
+        widest = self.local_frames + self.frames_per_block * self.top_k
+        return max(widest - self.sink_frames - self.frames_per_block, self.frames_per_block)
+
+    @property
+    def mean_key_layer(self) -> int:
+        return self.num_layers // 2 if self.feature_layer is None else self.feature_layer
+
+    def to_dict(self) -> dict:
+        return asdict(self)

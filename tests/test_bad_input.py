@@ -1,0 +1,233 @@
+"""Bad input at the public entry points: clear exceptions naming the argument."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dysink_kernels import (
+    DySinkCache,
+    DySinkConfig,
+    SinkAttention,
+    gathered_sink_attention,
+    select_sinks,
+    sink_gate,
+)
+
+
+def attn_args(**over):
+    B, Sq, Sk, H, D, P, S_e, n = 2, 3, 5, 2, 8, 3, 4, 2
+    a = dict(
+        q=torch.randn(B, Sq, H, D),
+        k=torch.randn(B, Sk, H, D),
+        v=torch.randn(B, Sk, H, D),
+        pool_k=torch.randn(P, S_e, H, D),
+        pool_v=torch.randn(P, S_e, H, D),
+        slot_idx=torch.zeros(B, n, dtype=torch.int32),
+    )
+    kw = {}
+    for key, val in over.items():
+        (a if key in a else kw)[key] = val
+    return a, kw
+
+
+def call_attn(**over):
+    a, kw = attn_args(**over)
+    return gathered_sink_attention(*a.values(), **kw)
+
+
+@pytest.mark.parametrize(
+    "over,exc,needle",
+    [
+        (dict(q=torch.randn(2, 3, 2)), ValueError, "q must have 4 dimensions"),
+        (dict(k=torch.randn(3, 5, 2, 8)), ValueError, "k.shape[0]"),
+        (dict(k=torch.randn(2, 5, 3, 8)), ValueError, "k.shape[2]"),
+        (dict(v=torch.randn(2, 5, 2, 4)), ValueError, "v.shape[3]"),
+        (dict(v=torch.randn(2, 6, 2, 8)), ValueError, "v must have the shape of k"),
+        (dict(pool_k=torch.randn(3, 4, 2, 4)), ValueError, "pool_k.shape[3]"),
+        (dict(pool_v=torch.randn(3, 5, 2, 8)), ValueError, "pool_v must have the shape"),
+        (dict(k=torch.randn(2, 5, 2, 8, dtype=torch.float16)), TypeError, "k has dtype"),
+        (dict(q=torch.randn(2, 3, 2, 8).double()), TypeError, "q must have dtype"),
+        (dict(slot_idx=torch.zeros(2, 2)), TypeError, "slot_idx must have dtype"),
+        (dict(slot_idx=torch.zeros(3, 2, dtype=torch.int32)), ValueError, "slot_idx.shape[0]"),
+        (dict(slot_idx=torch.tensor([[0, 3], [0, 0]], dtype=torch.int32)), IndexError, "slot_idx"),
+        (dict(slot_idx=torch.tensor([[0, -2], [0, 0]], dtype=torch.int32)), IndexError, "slot_idx"),
+        (dict(k_len=torch.tensor([6, 1], dtype=torch.int32)), IndexError, "k_len"),
+        (dict(k_len=torch.tensor([-1, 1], dtype=torch.int32)), IndexError, "k_len"),
+        (dict(k_len=torch.tensor([1, 1, 1], dtype=torch.int32)), ValueError, "k_len.shape[0]"),
+        (dict(backend="cudnn-magic"), ValueError, "unknown backend"),
+        (dict(softmax_scale=-1.0), ValueError, "softmax_scale"),
+        (dict(q="not a tensor"), TypeError, "q must be a torch.Tensor"),
+    ],
+)
+def test_gathered_attention_bad_input(over, exc, needle):
+    with pytest.raises(exc, match=None) as info:
+        call_attn(**over)
+    assert needle in str(info.value), str(info.value)
+
+
+def test_mixed_devices_meta():
+    """A tensor on another device (meta stands in for a GPU) is named in the error."""
+    with pytest.raises(ValueError, match="pool_k is on meta"):
+        call_attn(pool_k=torch.randn(3, 4, 2, 8, device="meta"))
+
+
+def sel_args():
+    return dict(
+        query_feat=torch.randn(2, 3, 8),
+        slot_feat=torch.randn(5, 8),
+        slot_owner=torch.zeros(5, dtype=torch.int32),
+        slot_frame=torch.zeros(5, dtype=torch.int32),
+        k=2,
+        exclude_lo=torch.zeros(2, dtype=torch.int32),
+        exclude_hi=torch.zeros(2, dtype=torch.int32),
+    )
+
+
+@pytest.mark.parametrize(
+    "key,val,exc,needle",
+    [
+        ("k", -1, ValueError, "k must be an int >= 0"),
+        ("k", 1.5, ValueError, "k must be an int"),
+        ("query_feat", torch.randn(2, 8), ValueError, "query_feat must have 3"),
+        ("slot_feat", torch.randn(5, 7), ValueError, "slot_feat.shape[1]"),
+        ("slot_owner", torch.zeros(4, dtype=torch.int32), ValueError, "slot_owner.shape[0]"),
+        ("slot_frame", torch.zeros(5), TypeError, "slot_frame must have dtype"),
+        ("exclude_lo", torch.zeros(3, dtype=torch.int32), ValueError, "exclude_lo.shape[0]"),
+        ("backend", "nope", ValueError, "unknown backend"),
+        ("sink_frames", -3, ValueError, "sink_frames"),
+    ],
+)
+def test_select_sinks_bad_input(key, val, exc, needle):
+    a = sel_args()
+    a[key] = val
+    with pytest.raises(exc) as info:
+        select_sinks(
+            a.pop("query_feat"), a.pop("slot_feat"), a.pop("slot_owner"), a.pop("slot_frame"), **a
+        )
+    assert needle in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize(
+    "key,val,exc,needle",
+    [
+        ("k", torch.randn(2, 4, 3, 8), ValueError, "k.shape[2]"),
+        ("slot_mean_k", torch.randn(4, 2, 7), ValueError, "slot_mean_k.shape[2]"),
+        ("slot_idx", torch.tensor([[4]], dtype=torch.int32).expand(2, 1), IndexError, "slot_idx"),
+        ("k_len", torch.tensor([5, 0], dtype=torch.int32), IndexError, "k_len"),
+        ("tau", 1.5, ValueError, "tau"),
+        ("scope", "global", ValueError, "scope"),
+        ("backend", "nope", ValueError, "unknown backend"),
+    ],
+)
+def test_sink_gate_bad_input(key, val, exc, needle):
+    a = dict(
+        q=torch.randn(2, 3, 2, 8),
+        k=torch.randn(2, 4, 2, 8),
+        slot_mean_k=torch.randn(4, 2, 8),
+        slot_idx=torch.zeros(2, 1, dtype=torch.int32),
+    )
+    a[key] = val
+    with pytest.raises(exc) as info:
+        sink_gate(a.pop("q"), a.pop("k"), a.pop("slot_mean_k"), a.pop("slot_idx"), **a)
+    assert needle in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        (dict(top_k=-1), "top_k"),
+        (dict(tau=2.0), "tau"),
+        (dict(sink_frames=2), "multiple of frames_per_block"),
+        (dict(local_frames=3, sink_frames=3), "local_frames"),
+        (dict(gate_scope="all"), "gate_scope"),
+        (dict(feature="pixels"), "feature"),
+        (dict(exclude="none"), "exclude"),
+        (dict(num_heads=0), "num_heads"),
+        (dict(feature_layer=5), "feature_layer"),
+    ],
+)
+def test_config_bad_input(kw, needle):
+    base = dict(num_layers=2, num_heads=2, head_dim=16, tokens_per_frame=8)
+    base.update(kw)
+    with pytest.raises(ValueError, match=needle):
+        DySinkConfig(**base)
+
+
+def make_cache(**kw):
+    cfg = DySinkConfig(num_layers=2, num_heads=2, head_dim=16, tokens_per_frame=8, **kw)
+    return cfg, DySinkCache(cfg, batch_size=1, dtype=torch.float32), SinkAttention(cfg)
+
+
+def qkv(B=1, S=24, H=2, D=16, dtype=torch.float32):
+    return tuple(torch.randn(B, S, H, D, dtype=dtype) for _ in range(3))
+
+
+def finish_block(cache, attn, feat=True):
+    for layer in range(2):
+        attn(*qkv(), cache=cache, layer=layer, commit=True)
+    cache.end_block(torch.randn(1, 4) if feat else None)
+
+
+def test_protocol_errors_leave_cache_usable():
+    _cfg, cache, attn = make_cache()
+    with pytest.raises(RuntimeError, match="begin_block"):
+        attn(*qkv(), cache=cache, layer=0)
+    with pytest.raises(RuntimeError, match="end_block called without begin_block"):
+        cache.end_block(torch.randn(1, 4))
+    cache.begin_block()
+    with pytest.raises(RuntimeError, match="begin_block called twice"):
+        cache.begin_block()
+    with pytest.raises(IndexError, match="layer"):
+        attn(*qkv(), cache=cache, layer=2)
+    with pytest.raises(ValueError, match=r"k.shape\[1\]"):
+        attn(*qkv(S=23), cache=cache, layer=0)
+    with pytest.raises(TypeError, match="q must have dtype"):
+        attn(*qkv(dtype=torch.float16), cache=cache, layer=0)
+    with pytest.raises(RuntimeError, match="no commit=True call"):
+        cache.end_block(torch.randn(1, 4))
+    attn(*qkv(), cache=cache, layer=0, commit=True)
+    with pytest.raises(RuntimeError, match="already committed"):
+        attn(*qkv(), cache=cache, layer=0, commit=True)
+    attn(*qkv(), cache=cache, layer=1, commit=True)
+    with pytest.raises(ValueError, match="feature"):
+        cache.end_block(None)
+    with pytest.raises(ValueError, match=r"feature.shape\[0\]"):
+        cache.end_block(torch.randn(2, 4))
+    cache.end_block(torch.randn(1, 4))
+    with pytest.raises(ValueError, match=r"feature.shape\[1\]"):
+        cache.begin_block()
+        finish_block(cache, attn)  # F=4 stored; now a different F
+        cache.begin_block()
+        for layer in range(2):
+            attn(*qkv(), cache=cache, layer=layer, commit=True)
+        cache.end_block(torch.randn(1, 5))
+    cache.end_block(torch.randn(1, 4))  # still usable
+    assert cache.block == 3
+
+
+def test_mean_key_rejects_external_feature():
+    _, cache, attn = make_cache(feature="mean_key")
+    cache.begin_block()
+    for layer in range(2):
+        attn(*qkv(), cache=cache, layer=layer, commit=True)
+    with pytest.raises(ValueError, match="mean_key"):
+        cache.end_block(torch.randn(1, 4))
+    cache.end_block()
+
+
+def test_cache_constructor_errors():
+    cfg = DySinkConfig(num_layers=2, num_heads=2, head_dim=16, tokens_per_frame=8)
+    with pytest.raises(ValueError, match="batch_size"):
+        DySinkCache(cfg, batch_size=0)
+    with pytest.raises(TypeError, match="dtype"):
+        DySinkCache(cfg, dtype=torch.int32)
+    with pytest.raises(ValueError, match="bank_slots"):
+        DySinkCache(cfg, bank_slots=0)
+    with pytest.raises(TypeError, match="DySinkConfig"):
+        DySinkCache({"num_layers": 2})
+    cache = DySinkCache(cfg, dtype=torch.float32)
+    other = SinkAttention(DySinkConfig(num_layers=2, num_heads=2, head_dim=16, tokens_per_frame=4))
+    cache.begin_block()
+    with pytest.raises(ValueError, match="another DySinkConfig"):
+        other(*qkv(), cache=cache, layer=0)
