@@ -11,6 +11,16 @@ import sys
 import torch
 
 
+def _write(line: str) -> None:
+    """Print above a live progress bar when tqdm is there."""
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(line)
+    except ImportError:
+        print(line, flush=True)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import format_block, run_demo, write_outputs
 
@@ -24,7 +34,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         backend=args.backend, seed=args.seed, feature=args.feature, steps=args.steps,
         top_k=args.top_k, sink_frames=args.sink_frames, local_frames=args.local_frames,
         tau=args.tau, dtype=dtype, progress=not args.no_progress,
-        on_block=lambda r: print(format_block(r), flush=True),
+        on_block=lambda r: _write(format_block(r)),
     )  # fmt: skip
     summary, png = write_outputs(result, args.out)
     stored = sum(r["stored"] for r in result.blocks)

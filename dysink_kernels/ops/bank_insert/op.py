@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..._backends import csrc_available, triton_available
 from ..._registry import register_backend, resolve_backend
 
 OP_NAME = "bank_insert"
@@ -11,6 +12,20 @@ register_backend(
     "naive",
     "dysink_kernels.ops.bank_insert.naive:bank_insert_naive",
     priority={"*": 0},
+)
+register_backend(
+    "bank_insert",
+    "triton",
+    "dysink_kernels.ops.bank_insert.triton:bank_insert_triton",
+    available=triton_available,
+    priority={"cuda": 10},
+)
+register_backend(
+    "bank_insert",
+    "csrc",
+    "dysink_kernels.ops.bank_insert.csrc:bank_insert_csrc",
+    available=csrc_available,
+    priority={"cuda": 5, "cpu": 5},
 )
 
 

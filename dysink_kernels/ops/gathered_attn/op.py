@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ..._backends import triton_available
 from ..._registry import register_backend, resolve_backend
 from ..._validate import (
     INDEX_DTYPES,
@@ -23,6 +24,13 @@ register_backend(
     "naive",
     "dysink_kernels.ops.gathered_attn.naive:gathered_attention_naive",
     priority={"*": 0},
+)
+register_backend(
+    "gathered_attention",
+    "triton",
+    "dysink_kernels.ops.gathered_attn.triton:gathered_attention_triton",
+    available=triton_available,
+    priority={"cuda": 10},
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..._backends import csrc_available, triton_available
 from ..._registry import register_backend, resolve_backend
 from ..._validate import (
     FLOAT_DTYPES,
@@ -19,6 +20,20 @@ register_backend(
     "naive",
     "dysink_kernels.ops.select_sinks.naive:select_sinks_naive",
     priority={"*": 0},
+)
+register_backend(
+    "select_sinks",
+    "triton",
+    "dysink_kernels.ops.select_sinks.triton:select_sinks_triton",
+    available=triton_available,
+    priority={"cuda": 10},
+)
+register_backend(
+    "select_sinks",
+    "csrc",
+    "dysink_kernels.ops.select_sinks.csrc:select_sinks_csrc",
+    available=csrc_available,
+    priority={"cuda": 5, "cpu": 5},
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..._backends import csrc_available, triton_available
 from ..._registry import register_backend, resolve_backend
 from ..._validate import (
     FLOAT_DTYPES,
@@ -28,6 +29,34 @@ register_backend(
     "naive",
     "dysink_kernels.ops.sink_gate.naive:gate_from_means",
     priority={"*": 0},
+)
+register_backend(
+    "sink_gate",
+    "triton",
+    "dysink_kernels.ops.sink_gate.triton:sink_gate_triton",
+    available=triton_available,
+    priority={"cuda": 10},
+)
+register_backend(
+    "sink_gate",
+    "csrc",
+    "dysink_kernels.ops.sink_gate.csrc:sink_gate_csrc",
+    available=csrc_available,
+    priority={"cuda": 5, "cpu": 5},
+)
+register_backend(
+    "gate_from_means",
+    "triton",
+    "dysink_kernels.ops.sink_gate.triton:gate_from_means_triton",
+    available=triton_available,
+    priority={"cuda": 10},
+)
+register_backend(
+    "gate_from_means",
+    "csrc",
+    "dysink_kernels.ops.sink_gate.csrc:gate_from_means_csrc",
+    available=csrc_available,
+    priority={"cuda": 5, "cpu": 5},
 )
 
 
