@@ -1,4 +1,4 @@
-"""Command line: ``python -m dysink_kernels {demo,info}``."""
+"""Command line: ``python -m dysink_kernels {demo,kernels,info}``."""
 
 from __future__ import annotations
 
@@ -90,6 +90,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_kernels(args: argparse.Namespace) -> int:
+    from .kernel_report import check_report, compile_report, format_table
+
+    rows = compile_report(args.arch)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_table(rows))
+    failures = check_report(rows)
+    for line in failures:
+        print(f"GATE: {line}", file=sys.stderr)
+    return 1 if failures and args.strict else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dysink_kernels", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -111,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_out", help="folder for summary.json and timeline.png")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=_cmd_demo)
+
+    k = sub.add_parser("kernels", help="compile every Triton kernel for a GPU arch and report")
+    k.add_argument("--arch", default="sm_90", help="sm_80 or sm_90 (no GPU needed)")
+    k.add_argument("--json", action="store_true")
+    k.add_argument("--strict", action="store_true", help="exit 1 when a CI gate fails")
+    k.set_defaults(fn=_cmd_kernels)
 
     i = sub.add_parser("info", help="versions, devices and available backends")
     i.add_argument("--json", action="store_true")

@@ -1,0 +1,148 @@
+"""Triton gathered-sink attention against the naive oracle (Triton's interpreter on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dysink_kernels import gathered_sink_attention
+from dysink_kernels._backends import triton_available
+from dysink_kernels.ops.gathered_attn import gathered_attention
+
+pytestmark = pytest.mark.skipif(
+    not triton_available(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+    reason="triton backend unavailable (needs a GPU or TRITON_INTERPRET=1)",
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def nan_outputs(monkeypatch):
+    """Every output buffer the kernel writes starts as NaN: an unwritten element fails."""
+    from dysink_kernels.ops.gathered_attn import triton as tmod
+
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(tmod, "_empty", nan_empty)
+
+
+def make(B, Sq, Sk, P, S_e, H, D, n, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype).to(DEVICE)
+    q, k, v = r(B, Sq, H, D), r(B, Sk, H, D), r(B, Sk, H, D)
+    pk, pv = r(P, S_e, H, D), r(P, S_e, H, D)
+    slots = torch.randint(-1, P, (B, n), generator=g, dtype=torch.int32).to(DEVICE)
+    k_len = torch.randint(0, Sk + 1, (B,), generator=g, dtype=torch.int32).to(DEVICE)
+    return q, k, v, pk, pv, slots, k_len
+
+
+def compare(args, dtype, k_len=None, scale=None):
+    q, k, v, pk, pv, slots, kl = args
+    kl = kl if k_len is None else k_len
+    got, gs = gathered_sink_attention(
+        q, k, v, pk, pv, slots, k_len=kl, return_stats=True, softmax_scale=scale, backend="triton"
+    )
+    want, ws = gathered_sink_attention(
+        q, k, v, pk, pv, slots, k_len=kl, return_stats=True, softmax_scale=scale, backend="naive"
+    )
+    tol = TOL[dtype]
+    assert got.dtype == dtype and not torch.isnan(got).any()
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    for name in ("lse", "entropy", "slot_mass"):
+        a, b = getattr(gs, name), getattr(ws, name)
+        assert not torch.isnan(a).any(), name
+        torch.testing.assert_close(a, b, atol=4 * tol, rtol=tol, msg=name)
+    return got, gs
+
+
+@pytest.mark.parametrize("D", [16, 32, 48, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_odd_shapes(D, dtype):
+    # Sq, Sk, S_e are not multiples of any block size; H = 3.
+    compare(make(2, 37, 53, 5, 19, 3, D, 3, dtype, seed=D), dtype)
+
+
+@pytest.mark.parametrize(
+    "slots",
+    [[[-1, 0, 2]], [[1, -1, 2]], [[2, 1, -1]], [[-1, -1, -1]], [[1, 1, 3]], [[3, 3, 3]]],
+)
+def test_slot_patterns(slots):
+    args = list(make(1, 9, 21, 4, 13, 2, 32, 3, torch.float32))
+    args[5] = torch.tensor(slots, dtype=torch.int32, device=DEVICE)
+    compare(args, torch.float32)
+
+
+def test_no_slots_and_k_len_range():
+    args = make(2, 11, 40, 3, 7, 2, 16, 0, torch.float32)
+    for kl in ([0, 0], [1, 40], [33, 17], [40, 40]):
+        compare(args, torch.float32, k_len=torch.tensor(kl, dtype=torch.int32, device=DEVICE))
+
+
+def test_nothing_to_attend():
+    args = list(make(2, 5, 6, 3, 4, 2, 16, 2, torch.float32))
+    args[5] = torch.tensor([[-1, -1], [0, -1]], dtype=torch.int32, device=DEVICE)
+    out, st = compare(args, torch.float32, k_len=torch.tensor([0, 0], dtype=torch.int32))
+    assert (out[0] == 0).all() and torch.isneginf(st.lse[0]).all()
+
+
+def test_batch_with_different_slots_and_scale():
+    args = list(make(2, 20, 30, 6, 17, 3, 32, 4, torch.float16, seed=7))
+    args[5] = torch.tensor([[5, -1, 0, 2], [1, 1, -1, -1]], dtype=torch.int32, device=DEVICE)
+    compare(args, torch.float16, scale=0.3)
+
+
+def test_general_form_ranges_and_current_keys():
+    g = torch.Generator().manual_seed(3)
+    B, Sq, H, D, N, Sc = 2, 19, 2, 32, 70, 24
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)
+    q, bk, bv, ck, cv = r(B, Sq, H, D), r(B, N, H, D), r(B, N, H, D), r(B, Sc, H, D), r(B, Sc, H, D)
+    pk, pv = r(3, 9, H, D), r(3, 9, H, D)
+    slots = torch.tensor([[0, -1], [2, 2]], dtype=torch.int32, device=DEVICE)
+    ranges = torch.tensor(
+        [[[0, 24], [40, 70], [5, 5]], [[10, 12], [0, 9], [69, 70]]], dtype=torch.int32
+    ).to(DEVICE)
+    a = gathered_attention(
+        q, pk, pv, slots, bk, bv, ranges, ck, cv, return_stats=True, backend="triton"
+    )
+    b = gathered_attention(
+        q, pk, pv, slots, bk, bv, ranges, ck, cv, return_stats=True, backend="naive"
+    )
+    torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=1e-5)
+    for x, y in zip(a[1], b[1]):
+        torch.testing.assert_close(x, y, atol=4e-5, rtol=1e-5)
+
+
+def test_no_stats_path_and_determinism():
+    args = make(2, 13, 29, 3, 11, 2, 16, 2, torch.float16, seed=5)
+    q, k, v, pk, pv, slots, kl = args
+    a, none = gathered_sink_attention(q, k, v, pk, pv, slots, k_len=kl, backend="triton")
+    assert none is None
+    b, st1 = gathered_sink_attention(
+        q, k, v, pk, pv, slots, k_len=kl, return_stats=True, backend="triton"
+    )
+    c, st2 = gathered_sink_attention(
+        q, k, v, pk, pv, slots, k_len=kl, return_stats=True, backend="triton"
+    )
+    assert torch.equal(a, b) and torch.equal(b, c)
+    for x, y in zip(st1, st2):
+        assert torch.equal(x, y)
+
+
+def test_non_contiguous_views():
+    g = torch.Generator().manual_seed(9)
+    B, S, H, D = 2, 17, 2, 32
+    qkv = torch.randn(B, S, 3, H, D, generator=g).to(DEVICE)
+    q, k, v = qkv.unbind(2)  # strided views, as a fused qkv projection gives
+    pool = torch.randn(2, 4, 5, H, D, generator=g).to(DEVICE)  # (layers, P, S_e, H, D)
+    slots = torch.tensor([[3, 0], [-1, 1]], dtype=torch.int32, device=DEVICE)
+    a, _ = gathered_sink_attention(q, k, v, pool[1], pool[0], slots, backend="triton")
+    b, _ = gathered_sink_attention(q, k, v, pool[1], pool[0], slots, backend="naive")
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_head_dim_not_multiple_of_16_is_refused():
+    args = make(1, 3, 4, 2, 3, 1, 24, 1, torch.float32)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        gathered_sink_attention(*args[:6], k_len=args[6], backend="triton")
