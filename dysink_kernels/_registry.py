@@ -11,8 +11,10 @@ with the highest priority for that device type. ``"naive"`` is always available.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 
 import torch
 
@@ -26,6 +28,15 @@ class _Backend:
     available: Callable[[torch.device], bool]
     priority: dict[str, int] = field(default_factory=dict)
     _fn: Callable | None = None
+
+    def present(self) -> bool:
+        """Whether the loader's module exists (without importing it)."""
+        if callable(self.loader) or self._fn is not None:
+            return True
+        return _module_exists(self.loader.partition(":")[0])
+
+    def usable(self, device: torch.device) -> bool:
+        return self.present() and self.available(device)
 
     def rank(self, device: torch.device) -> int | None:
         return self.priority.get(device.type, self.priority.get("*"))
@@ -41,6 +52,14 @@ class _Backend:
 
 
 _REGISTRY: dict[str, dict[str, _Backend]] = {}
+
+
+@cache
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def _always(device: torch.device) -> bool:
@@ -76,7 +95,7 @@ def available_backends(op: str, device: torch.device | str | None = None) -> lis
     if device is None:
         return sorted(table)
     dev = torch.device(device)
-    return sorted(n for n, b in table.items() if b.available(dev))
+    return sorted(n for n, b in table.items() if b.usable(dev))
 
 
 def resolve_backend(op: str, backend: str, device: torch.device) -> tuple[str, Callable]:
@@ -94,7 +113,7 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> tuple[str, C
         ranked = [
             (b.rank(device), n)
             for n, b in table.items()
-            if b.rank(device) is not None and b.available(device)
+            if b.rank(device) is not None and b.usable(device)
         ]
         if not ranked:
             raise RuntimeError(f"no backend of {op} can run on {device}")
@@ -105,6 +124,6 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> tuple[str, C
             f"unknown backend {backend!r} for {op}; choose one of {['auto', *sorted(table)]}"
         )
     entry = table[backend]
-    if not entry.available(device):
+    if not entry.usable(device):
         raise RuntimeError(f"backend {backend!r} of {op} is not available on {device}")
     return backend, entry.load()

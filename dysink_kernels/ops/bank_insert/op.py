@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+
+from ... import _library  # noqa: F401  (registers torch.ops.dysink.*)
 from ..._backends import csrc_available, triton_available
 from ..._registry import register_backend, resolve_backend
 
@@ -29,7 +32,29 @@ register_backend(
 )
 
 
-def bank_insert(*args, backend: str = "auto", **kwargs):
+def bank_insert(
+    pool_k: torch.Tensor,
+    pool_v: torch.Tensor,
+    pool_mean_k: torch.Tensor,
+    slot_feat: torch.Tensor,
+    slot_owner: torch.Tensor,
+    slot_frame: torch.Tensor,
+    slot_stamp: torch.Tensor,
+    clock: torch.Tensor,
+    src_k: torch.Tensor,
+    src_v: torch.Tensor,
+    src_pos: torch.Tensor,
+    feature: torch.Tensor,
+    frame: torch.Tensor,
+    slots_per_sample: int,
+    limit: int,
+    dedup: float | None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Resolve ``backend`` for the pool's device and run the insert (see ``naive.py``)."""
-    _, fn = resolve_backend(OP_NAME, backend, args[0].device)
-    return fn(*args, **kwargs)
+    name, _ = resolve_backend(OP_NAME, backend, pool_k.device)
+    return torch.ops.dysink.bank_insert(
+        pool_k, pool_v, pool_mean_k, slot_feat, slot_owner, slot_frame, slot_stamp, clock,
+        src_k, src_v, src_pos, feature, frame, slots_per_sample, limit,
+        None if dedup is None else float(dedup), name,
+    )  # fmt: skip

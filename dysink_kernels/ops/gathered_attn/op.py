@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ... import _library  # noqa: F401  (registers torch.ops.dysink.*)
 from ..._backends import triton_available
 from ..._registry import register_backend, resolve_backend
 from ..._validate import (
@@ -56,11 +57,14 @@ def gathered_attention(
     of ``cur_k/cur_v``. See ``naive.py`` for the exact meaning.
     """
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    _, fn = resolve_backend(OP_NAME, backend, q.device)
-    return fn(
+    name, _ = resolve_backend(OP_NAME, backend, q.device)
+    out, lse, ent, mass = torch.ops.dysink.gathered_attention(
         q, pool_k, pool_v, slot_idx, local_k, local_v, local_ranges, cur_k, cur_v,
-        scale, return_stats,
+        float(scale), bool(return_stats), name,
     )  # fmt: skip
+    if not return_stats:
+        return out, None
+    return out, SinkAttnStats(lse=lse, entropy=ent, slot_mass=mass)
 
 
 def gathered_sink_attention(

@@ -32,6 +32,8 @@ nothing extra, in base-2 units (``y = score * log2(e)``) against the running max
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -223,6 +225,17 @@ _CONFIGS: dict[tuple[int, int], KernelConfig] = {
     (8, 128): KernelConfig(128, 32, 8, 3),
     (8, 256): KernelConfig(64, 64, 8, 2),
 }
+# Configurations DYSINK_AUTOTUNE=1 tries (on the GPU, at the first call of each
+# shape), per padded head dim. Benchmarks only: timing needs host synchronisation.
+_AUTOTUNE_CANDIDATES: dict[int, list[KernelConfig]] = {
+    64: [KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 4, 3)],
+    128: [
+        KernelConfig(128, 64, 8, 3), KernelConfig(128, 128, 8, 2), KernelConfig(128, 128, 8, 3),
+        KernelConfig(128, 64, 8, 4), KernelConfig(128, 32, 8, 3), KernelConfig(64, 64, 4, 3),
+    ],
+    256: [KernelConfig(128, 32, 8, 2), KernelConfig(64, 64, 8, 2), KernelConfig(64, 32, 4, 2)],
+}  # fmt: skip
+_AUTOTUNED: dict[tuple, KernelConfig] = {}
 _FALLBACK = KernelConfig(64, 64, 4, 2)
 _INTERPRETER = KernelConfig(32, 32, 4, 1)
 
@@ -317,6 +330,11 @@ def gathered_attention_triton(
     out = _empty(q.shape, q.dtype, q.device)
     if Sq == 0 or B * H == 0:
         return gathered_attention_empty(out, n, return_stats)
+    if config is None and q.is_cuda and os.environ.get("DYSINK_AUTOTUNE", "0") == "1":
+        config = _autotune(
+            (q, pool_k, pool_v, slot_idx, local_k, local_v, local_ranges,
+             cur_k if has_cur else None, cur_v if has_cur else None, softmax_scale, return_stats),
+        )  # fmt: skip
     cfg = config or pick_config(q.device, D)
     n_m = triton.cdiv(Sq, cfg.block_m)
     n_slots_pad = max(2, triton.next_power_of_2(n))
@@ -351,6 +369,29 @@ def gathered_attention_triton(
         return out, None
     slot_mass = mass.sum(dim=2)[..., :n] / max(Sq, 1)
     return out, SinkAttnStats(lse=lse, entropy=ent, slot_mass=slot_mass)
+
+
+def _autotune(args: tuple) -> KernelConfig:
+    """Time every candidate on these inputs once per shape key; keep the fastest."""
+    from triton.testing import do_bench
+
+    q, pool_k, _, slot_idx, local_k, _, ranges, cur_k, _, _, stats = args
+    key = (
+        torch.cuda.get_device_capability(q.device), q.dtype, tuple(q.shape), tuple(pool_k.shape),
+        slot_idx.shape[1], tuple(local_k.shape), ranges.shape[1],
+        None if cur_k is None else tuple(cur_k.shape), stats,
+    )  # fmt: skip
+    if key not in _AUTOTUNED:
+        block_d = max(16, triton.next_power_of_2(q.shape[-1]))
+        timings = []
+        for cand in _AUTOTUNE_CANDIDATES[_dim_bucket(block_d)]:
+            try:
+                ms = do_bench(lambda c=cand: gathered_attention_triton(*args, config=c), rep=50)
+            except Exception:  # a candidate that does not fit this GPU is skipped
+                continue
+            timings.append((ms, cand))
+        _AUTOTUNED[key] = min(timings, key=lambda t: t[0])[1]
+    return _AUTOTUNED[key]
 
 
 def gathered_attention_empty(

@@ -92,7 +92,10 @@ def rotate_temporal_naive(
     D = x.shape[-1]
     _n_t, n_h, n_w = wan_rope_axis_pairs(D)
     w_t = wan_rope_freqs(D, theta, x.device)[0]
-    delta = torch.as_tensor(delta_frames, dtype=torch.float64, device=x.device)
+    if isinstance(delta_frames, torch.Tensor):
+        delta = delta_frames.to(device=x.device, dtype=torch.float64)
+    else:  # a fill on the device, not a host-to-device copy
+        delta = torch.full((), float(delta_frames), dtype=torch.float64, device=x.device)
     ang_t = delta[..., None] * w_t  # (*batch, n_t)
     zeros = torch.zeros(*ang_t.shape[:-1], n_h + n_w, dtype=torch.float64, device=x.device)
     ang = torch.cat([ang_t, zeros], dim=-1)[..., None, :]  # broadcast over heads

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ... import _library  # noqa: F401  (registers torch.ops.dysink.*)
 from ..._backends import csrc_available, triton_available
 from ..._registry import register_backend, resolve_backend
 from ..._validate import (
@@ -49,9 +50,10 @@ def select_sinks_impl(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unchecked dispatch, for callers that built the inputs themselves."""
-    _, fn = resolve_backend(OP_NAME, backend, query_feat.device)
-    return fn(query_feat, slot_feat, slot_owner, slot_frame, k, exclude_lo, exclude_hi,
-              sink_frames)  # fmt: skip
+    name, _ = resolve_backend(OP_NAME, backend, query_feat.device)
+    return torch.ops.dysink.select_sinks(
+        query_feat, slot_feat, slot_owner, slot_frame, k, exclude_lo, exclude_hi, sink_frames, name
+    )
 
 
 def select_sinks(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ... import _library  # noqa: F401  (registers torch.ops.dysink.*)
 from ..._backends import csrc_available, triton_available
 from ..._registry import register_backend, resolve_backend
 from ..._validate import (
@@ -74,8 +75,10 @@ def gate_from_means(
     Used by ``DySinkCache``, which keeps running key sums of its window instead of
     re-reading it; unchecked.
     """
-    _, fn = resolve_backend("gate_from_means", backend, qbar.device)
-    return fn(qbar, kbar_local, slot_mean_k, slot_idx, float(tau), scope)
+    name, _ = resolve_backend("gate_from_means", backend, qbar.device)
+    return torch.ops.dysink.gate_from_means(
+        qbar, kbar_local, slot_mean_k, slot_idx, float(tau), scope, name
+    )
 
 
 def check_tau_scope(tau: float, scope: str) -> None:
@@ -96,8 +99,8 @@ def sink_gate_impl(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unchecked dispatch, for callers that built the inputs themselves."""
-    _, fn = resolve_backend(OP_NAME, backend, q.device)
-    return fn(q, k, slot_mean_k, slot_idx, k_len, float(tau), scope)
+    name, _ = resolve_backend(OP_NAME, backend, q.device)
+    return torch.ops.dysink.sink_gate(q, k, slot_mean_k, slot_idx, k_len, float(tau), scope, name)
 
 
 def sink_gate(
