@@ -34,6 +34,44 @@ DEFAULT_BANK_SLOTS = 32
 _N_RANGES = 3  # sinks, window part before the ring wraps, window part after
 
 
+class _FeatureHealth:
+    """Reports non-finite block features to the host without a synchronisation.
+
+    The device computes a per-sample flag; on CPU it is read at once, on an
+    accelerator it is copied into pinned host memory after an event, and read when
+    the event has completed (checked at the next ``begin_block``/``end_block``).
+    """
+
+    def __init__(self, batch: int, device: torch.device) -> None:
+        self.on_host = device.type == "cpu"
+        pin = device.type == "cuda"
+        self.flags = torch.zeros(batch, dtype=torch.bool, pin_memory=pin)
+        self.event = torch.cuda.Event() if pin else None
+        self.pending: int | None = None  # block whose report is in flight
+
+    def report(self, bad: torch.Tensor, block: int) -> None:
+        self.flags.copy_(bad, non_blocking=not self.on_host)
+        if self.event is not None:
+            self.event.record()
+        self.pending = block
+
+    def raise_if_reported(self, wait: bool = False) -> None:
+        if self.pending is None:
+            return
+        if self.event is not None:
+            if wait:
+                self.event.synchronize()
+            elif not self.event.query():
+                return
+        block, self.pending = self.pending, None
+        bad = [i for i, flag in enumerate(self.flags.numpy().tolist()) if flag]  # ok: host
+        if bad:
+            raise ValueError(
+                f"the feature of block {block} holds NaN or Inf for sample(s) {bad}: that block "
+                "was not stored in the bank and its feature is not used for retrieval"
+            )
+
+
 class SinkLayerStats(NamedTuple):
     """What the last attention call of one layer computed (device tensors).
 
@@ -101,6 +139,12 @@ class DySinkCache:
             raise ValueError(f"bank_slots must be an int >= 0, got {bank_slots!r}")
         if config.top_k > 0 and bank_slots == 0:
             raise ValueError("bank_slots must be > 0 when top_k > 0")
+        cap = min(bank_slots, config.max_entries or bank_slots)
+        if config.top_k > cap:
+            raise ValueError(
+                f"top_k ({config.top_k}) exceeds the bank's capacity per sample ({cap}): the "
+                "window would stay widened forever; raise bank_slots/max_entries or lower top_k"
+            )
         self.config = config
         self.batch_size = batch_size
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -138,6 +182,10 @@ class DySinkCache:
         self.last_stored = torch.zeros(B, dtype=torch.bool, device=dev)
         self._sink_slots = torch.arange(B, dtype=torch.int32, device=dev)[:, None]
         self._no_slots = torch.full((B, 0), -1, dtype=torch.int32, device=dev)
+
+        # Non-finite features are rejected on the device; the host learns of it
+        # without waiting (see _FeatureHealth).
+        self._health = _FeatureHealth(B, dev)
 
         # Host bookkeeping (no device values).
         self.block = 0
@@ -184,6 +232,7 @@ class DySinkCache:
             raise RuntimeError(
                 f"begin_block called twice: block {self.block} has not ended (call end_block)"
             )
+        self._health.raise_if_reported()
         c = self.config
         fpb, L, s, R, T = (
             c.frames_per_block, c.local_frames, c.sink_frames, c.ring_frames, c.tokens_per_frame,
@@ -355,13 +404,15 @@ class DySinkCache:
             backend=self.backend,
         )  # fmt: skip
         self.last_stored.copy_(stored)
-        finite = torch.isfinite(feat).all(dim=1, keepdim=True)
+        finite = torch.isfinite(feat).all(dim=1)
         row = self.block % c.query_blocks
-        self.recent_feat[:, row] = torch.where(finite, F.normalize(feat, dim=-1), 0.0)
+        self.recent_feat[:, row] = torch.where(finite[:, None], F.normalize(feat, dim=-1), 0.0)
 
         self.frame_dev.add_(c.frames_per_block)
+        self._health.report(~finite, self.block)
         self.block += 1
         self._in_block = False
+        self._health.raise_if_reported()
         return stored
 
     def block_mean_key(self) -> torch.Tensor:
@@ -384,6 +435,63 @@ class DySinkCache:
         idx = self.slot_idx.long()
         frames = self.bank.frame.index_select(0, idx.clamp(min=0).flatten()).view_as(idx)
         return torch.where(idx >= 0, frames, -1)
+
+    def check_health(self) -> None:
+        """Wait for the device's report on the features given so far and raise if one
+        was not finite. Synchronises with the device (unlike the per-block path,
+        which raises such errors one block later without waiting)."""
+        self._health.raise_if_reported(wait=True)
+
+    # ----------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict:
+        """Everything needed to continue the video later: window, bank, counters,
+        recent features. Taken between blocks (after ``end_block``)."""
+        if self._in_block:
+            raise RuntimeError("state_dict inside a block: call it after end_block")
+        return {
+            "config": self.config.to_dict(),
+            "batch_size": self.batch_size,
+            "dtype": str(self.dtype),
+            "block": self.block,
+            "frame_dev": self.frame_dev,
+            "local_k": self.local_k,
+            "local_v": self.local_v,
+            "frame_ksum": self.frame_ksum,
+            "recent_feat": self.recent_feat,
+            "bank": self.bank.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load a ``state_dict`` into this cache in place (buffers keep their identity,
+        so captured CUDA graphs stay valid). The config, batch size and dtype must match."""
+        if self._in_block:
+            raise RuntimeError("load_state_dict inside a block: call it between blocks")
+        mine = self.config.to_dict()
+        theirs = state.get("config", {})
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            raise ValueError(
+                "state was saved from another DySinkConfig; differing fields: "
+                + ", ".join(f"{k} (saved {theirs.get(k)!r}, here {mine.get(k)!r})" for k in diff)
+            )
+        if state["batch_size"] != self.batch_size or state["dtype"] != str(self.dtype):
+            raise ValueError(
+                f"state has batch_size={state['batch_size']}, dtype={state['dtype']}; this cache "
+                f"has batch_size={self.batch_size}, dtype={self.dtype}"
+            )
+        for name in ("local_k", "local_v", "frame_ksum"):
+            if getattr(self, name).shape != state[name].shape:
+                raise ValueError(f"state {name!r} has shape {tuple(state[name].shape)}")
+        self.bank.load_state_dict(state["bank"])
+        for name in ("local_k", "local_v", "frame_ksum", "frame_dev"):
+            getattr(self, name).copy_(state[name])
+        if state["recent_feat"] is None:
+            self.recent_feat = None
+        else:
+            self._ensure_recent(state["recent_feat"].shape[-1])
+            self.recent_feat.copy_(state["recent_feat"])
+        self.block = int(state["block"])
+        self._in_block = False
 
     def reset(self) -> None:
         """Forget everything: start a new video with the same buffers."""
