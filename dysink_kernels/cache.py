@@ -16,7 +16,7 @@ one denoising call can be captured in a CUDA graph and replayed for later blocks
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,10 @@ from .config import DySinkConfig
 from .ops.gathered_attn import SinkAttnStats, gathered_attention
 from .ops.select_sinks import select_sinks_impl
 from .ops.sink_gate import gate_from_means
+from .ops.sink_gate.naive import decide_from_votes, gate_votes
+
+if TYPE_CHECKING:
+    from .distributed import HeadParallel
 
 __all__ = ["DEFAULT_BANK_SLOTS", "DySinkCache", "SinkLayerStats"]
 
@@ -114,6 +118,9 @@ class DySinkCache:
         backend: backend of every op the cache runs (``"auto"``, ``"naive"``, ...).
         feature_dim: size of external features (default: taken from the first
             ``end_block``).
+        parallel: head parallelism (:class:`dysink_kernels.distributed.HeadParallel`):
+            this cache then holds one rank's heads (``config.num_heads`` is the local
+            count) and sums gate votes and ``mean_key`` features across ranks.
     """
 
     def __init__(
@@ -126,6 +133,7 @@ class DySinkCache:
         bank_slots: int | None = None,
         backend: str = "auto",
         feature_dim: int | None = None,
+        parallel: HeadParallel | None = None,
     ) -> None:
         if not isinstance(config, DySinkConfig):
             raise TypeError(f"config must be a DySinkConfig, got {type(config).__name__}")
@@ -150,6 +158,7 @@ class DySinkCache:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
         self.backend = backend
+        self.parallel = parallel
 
         c = config
         T, H, D, Ly = c.tokens_per_frame, c.num_heads, c.head_dim, c.num_layers
@@ -316,35 +325,11 @@ class DySinkCache:
             self.window_tokens + k.shape[1]
         )[:, None, None]
 
+        kept, ratio, sink_ratio, sink_kept = self._gate(layer, qbar, kbar_local, commit)
         ranges = self.local_ranges
-        sink_ratio = sink_kept = None
-        if c.sink_frames > 0:
-            if c.gate:
-                sink_mean = self.frame_ksum[layer, :, : c.sink_frames].sum(dim=1) / (
-                    c.sink_frames * c.tokens_per_frame
-                )
-                _, ratio_s = gate_from_means(
-                    qbar, kbar_local, sink_mean, self._sink_slots, c.tau, c.gate_scope,
-                    self.backend,
-                )  # fmt: skip
-                sink_ratio = torch.where(self.sink_active, ratio_s[:, 0], 0.0)
-                sink_kept = sink_ratio <= c.tau
-            else:
-                sink_kept = torch.ones(B, dtype=torch.bool, device=self.device)
+        if sink_kept is not None:
             ranges = ranges.clone()
             ranges[:, 0, 1] *= sink_kept.to(ranges.dtype)
-
-        if commit or c.top_k == 0:
-            kept = self._no_slots if commit else self.slot_idx
-            ratio = torch.zeros(B, kept.shape[1], device=self.device)
-        elif c.gate:
-            kept, ratio = gate_from_means(
-                qbar, kbar_local, self.bank.mean_k[layer], self.slot_idx, c.tau, c.gate_scope,
-                self.backend,
-            )  # fmt: skip
-        else:
-            kept = self.slot_idx
-            ratio = torch.zeros(B, c.top_k, device=self.device)
 
         out, attn_stats = gathered_attention(
             q, self.bank.k[layer], self.bank.v[layer], kept,
@@ -362,6 +347,60 @@ class DySinkCache:
             attn_stats, self.slot_idx, kept, ratio, sink_ratio, sink_kept, commit
         )
         return out
+
+    def _gate(
+        self, layer: int, qbar: torch.Tensor, kbar_local: torch.Tensor, commit: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Gate the static-sink group and the retrieved slots of one call.
+
+        Returns ``(kept, ratio, sink_ratio, sink_kept)`` (sink entries ``None`` without
+        static sinks). With head parallelism the vote counts of all ranks are summed
+        by one all-reduce before the decisions.
+        """
+        c = self.config
+        B = self.batch_size
+        slots = self._no_slots if commit else self.slot_idx
+        gate_slots = c.gate and not commit and c.top_k > 0
+        gate_sinks = c.gate and c.sink_frames > 0
+        sink_mean = None
+        if gate_sinks:
+            sink_tokens = c.sink_frames * c.tokens_per_frame
+            sink_mean = self.frame_ksum[layer, :, : c.sink_frames].sum(dim=1) / sink_tokens
+
+        kept, ratio, ratio_s = slots, torch.zeros(B, slots.shape[1], device=self.device), None
+        if self.parallel is not None and (gate_slots or gate_sinks):
+            n = slots.shape[1] if gate_slots else 0
+            votes = torch.zeros(B, n + int(gate_sinks), device=self.device)
+            if gate_slots:
+                votes[:, :n] = gate_votes(qbar, kbar_local, self.bank.mean_k[layer], slots)
+            if gate_sinks:
+                votes[:, n:] = gate_votes(qbar, kbar_local, sink_mean, self._sink_slots)
+            votes = self.parallel.all_reduce_sum(votes)
+            heads = self.parallel.total_heads
+            if gate_slots:
+                kept, ratio = decide_from_votes(votes[:, :n], slots, heads, c.tau, c.gate_scope)
+            if gate_sinks:
+                _, ratio_s = decide_from_votes(
+                    votes[:, n:], self._sink_slots, heads, c.tau, c.gate_scope
+                )
+        else:
+            if gate_slots:
+                kept, ratio = gate_from_means(
+                    qbar, kbar_local, self.bank.mean_k[layer], slots, c.tau, c.gate_scope,
+                    self.backend,
+                )  # fmt: skip
+            if gate_sinks:
+                _, ratio_s = gate_from_means(
+                    qbar, kbar_local, sink_mean, self._sink_slots, c.tau, c.gate_scope,
+                    self.backend,
+                )  # fmt: skip
+
+        if c.sink_frames == 0:
+            return kept, ratio, None, None
+        if ratio_s is None:
+            return kept, ratio, None, torch.ones(B, dtype=torch.bool, device=self.device)
+        sink_ratio = torch.where(self.sink_active, ratio_s[:, 0], 0.0)
+        return kept, ratio, sink_ratio, sink_ratio <= c.tau
 
     @torch.no_grad()
     def end_block(self, feature: torch.Tensor | None = None) -> torch.Tensor:
@@ -419,7 +458,10 @@ class DySinkCache:
         """``(B, H*D)`` L2-normalised mean keys of ``feature_layer`` over the committed block."""
         c = self.config
         sums = self.frame_ksum[c.mean_key_layer].index_select(1, self.write_frames).sum(dim=1)
-        return F.normalize((sums / c.block_tokens).flatten(1), dim=-1)
+        mean = (sums / c.block_tokens).flatten(1)
+        if self.parallel is not None:
+            mean = self.parallel.all_gather_heads(mean)
+        return F.normalize(mean, dim=-1)
 
     # ------------------------------------------------------------------ queries
     def stats(self, layer: int) -> SinkLayerStats | None:
@@ -499,4 +541,5 @@ class DySinkCache:
             self.config, self.batch_size, self.device, self.dtype,
             bank_slots=self.bank.slots_per_sample, backend=self.backend,
             feature_dim=None if self.bank.feature is None else self.bank.feature.shape[1],
+            parallel=self.parallel,
         )  # fmt: skip

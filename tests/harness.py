@@ -38,9 +38,10 @@ def features(
 
 
 def run(cfg, batch, blocks, attend_factory, feats, seed=0, dtype=torch.float32):
-    """Generate ``blocks`` blocks; returns latents per block and the decision log."""
+    """Generate ``blocks`` blocks with a tiny model shaped like ``cfg``; returns the
+    latents of every block (decisions go to the factory's log)."""
     torch.manual_seed(seed)
-    model = TinyVideoDiT(LAYERS, HEADS, HEAD_DIM, GRID).to(dtype)
+    model = TinyVideoDiT(cfg.num_layers, cfg.num_heads, cfg.head_dim, GRID).to(dtype)
     g = torch.Generator().manual_seed(seed + 1)
     conds = torch.randn(blocks, batch, 8, generator=g).to(dtype)
     begin, attend, end = attend_factory()
