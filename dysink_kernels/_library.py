@@ -34,12 +34,16 @@ def gathered_attention_op(
     cur_v: torch.Tensor | None,
     softmax_scale: float,
     return_stats: bool,
+    slot_delta: torch.Tensor | None,
+    rope_theta: float,
+    pool_k_scale: torch.Tensor | None,
+    pool_v_scale: torch.Tensor | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     fn = _backend_fn("gathered_attention", backend, q.device)
     out, stats = fn(
         q, pool_k, pool_v, slot_idx, local_k, local_v, local_ranges, cur_k, cur_v,
-        softmax_scale, return_stats,
+        softmax_scale, return_stats, slot_delta, rope_theta, pool_k_scale, pool_v_scale,
     )  # fmt: skip
     if stats is None:
         empty = q.new_empty(0, dtype=torch.float32)
@@ -49,7 +53,8 @@ def gathered_attention_op(
 
 @gathered_attention_op.register_fake
 def _(q, pool_k, pool_v, slot_idx, local_k, local_v, local_ranges, cur_k, cur_v,
-      softmax_scale, return_stats, backend):  # fmt: skip
+      softmax_scale, return_stats, slot_delta, rope_theta, pool_k_scale, pool_v_scale,
+      backend):  # fmt: skip
     B, Sq, H, _ = q.shape
     out = torch.empty_like(q)
     if not return_stats:

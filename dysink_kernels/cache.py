@@ -25,6 +25,7 @@ from ._validate import check_dim, check_tensor, dtype_name
 from .bank import FrameBank
 from .config import DySinkConfig
 from .ops.gathered_attn import SinkAttnStats, gathered_attention
+from .ops.rope import rotate_temporal
 from .ops.select_sinks import select_sinks_impl
 from .ops.sink_gate import gate_from_means
 from .ops.sink_gate.naive import decide_from_votes, gate_votes
@@ -32,7 +33,7 @@ from .ops.sink_gate.naive import decide_from_votes, gate_votes
 if TYPE_CHECKING:
     from .distributed import HeadParallel
 
-__all__ = ["DEFAULT_BANK_SLOTS", "DySinkCache", "SinkLayerStats"]
+__all__ = ["DEFAULT_BANK_SLOTS", "AnomalyStats", "DySinkCache", "SinkLayerStats"]
 
 DEFAULT_BANK_SLOTS = 32
 _N_RANGES = 3  # sinks, window part before the ring wraps, window part after
@@ -74,6 +75,30 @@ class _FeatureHealth:
                 f"the feature of block {block} holds NaN or Inf for sample(s) {bad}: that block "
                 "was not stored in the bank and its feature is not used for retrieval"
             )
+
+
+class AnomalyStats(NamedTuple):
+    """Entropy-anomaly statistics of one layer (device tensors), for monitoring and for
+    ``gate_mode="entropy"``/``"both"``.
+
+    Attributes:
+        entropy: ``(B, H)`` mean attention entropy of each head in the last call (nats).
+        entropy_mean, entropy_std: ``(B, H)`` running (EMA) mean and std of it, after
+            the update with this call.
+        low_fraction: ``(B,)`` fraction of heads whose entropy fell below
+            ``mean - anomaly_z * std`` (before the update).
+        mass_mean, mass_cv: ``(B, top_k)`` mean over heads of each slot's attention mass
+            and its coefficient of variation across heads (small = homogenised heads).
+        drop_next: ``(B, top_k)`` slots the entropy gate drops in the next call.
+    """
+
+    entropy: torch.Tensor
+    entropy_mean: torch.Tensor
+    entropy_std: torch.Tensor
+    low_fraction: torch.Tensor
+    mass_mean: torch.Tensor
+    mass_cv: torch.Tensor
+    drop_next: torch.Tensor
 
 
 class SinkLayerStats(NamedTuple):
@@ -191,6 +216,17 @@ class DySinkCache:
         self.last_stored = torch.zeros(B, dtype=torch.bool, device=dev)
         self._sink_slots = torch.arange(B, dtype=torch.int32, device=dev)[:, None]
         self._no_slots = torch.full((B, 0), -1, dtype=torch.int32, device=dev)
+        # Re-positioned sinks: per-slot shift in frames and the gate's turned mean keys.
+        k_ = c.top_k
+        self.slot_delta = torch.zeros(B, k_, dtype=torch.float32, device=dev)
+        self._rot_mean_k = torch.zeros(Ly, B * k_, H, D, dtype=torch.float32, device=dev)
+        self._rot_slots = torch.full((B, k_), -1, dtype=torch.int32, device=dev)
+        # Entropy-anomaly statistics per layer and head (EMA over denoising calls).
+        self.ent_mean = torch.zeros(Ly, B, H, dtype=torch.float32, device=dev)
+        self.ent_var = torch.zeros(Ly, B, H, dtype=torch.float32, device=dev)
+        self.entropy_drop = torch.zeros(Ly, B, k_, dtype=torch.bool, device=dev)
+        self._ent_updates = [0] * Ly
+        self._anomaly: list[AnomalyStats | None] = [None] * Ly
 
         # Non-finite features are rejected on the device; the host learns of it
         # without waiting (see _FeatureHealth).
@@ -289,6 +325,10 @@ class DySinkCache:
         self.window_tokens.copy_(n_prev * T)
         self.sink_active.copy_((cur >= s) & (s > 0))
 
+        if c.top_k > 0:
+            self._prepare_slots(cur)
+        self.entropy_drop.fill_(False)
+
         frames = cur + torch.arange(fpb, device=dev)
         slots = torch.where(frames < s, frames, s + (frames - s) % R)
         self.write_frames.copy_(slots)
@@ -331,11 +371,16 @@ class DySinkCache:
             ranges = ranges.clone()
             ranges[:, 0, 1] *= sink_kept.to(ranges.dtype)
 
+        relative = c.sink_rope == "relative" and not commit and c.top_k > 0
         out, attn_stats = gathered_attention(
             q, self.bank.k[layer], self.bank.v[layer], kept,
             self.local_k[layer], self.local_v[layer], ranges, k, v,
-            softmax_scale=c.softmax_scale, return_stats=c.stats, backend=self.backend,
+            softmax_scale=c.softmax_scale, return_stats=c.stats,
+            slot_delta=self.slot_delta if relative else None, rope_theta=c.rope_theta,
+            backend=self.backend,
         )  # fmt: skip
+        if attn_stats is not None and not commit and c.top_k > 0:
+            self._update_anomaly(layer, attn_stats)
 
         if commit:
             self.local_k[layer].index_copy_(1, self.write_pos, k)
@@ -360,8 +405,14 @@ class DySinkCache:
         c = self.config
         B = self.batch_size
         slots = self._no_slots if commit else self.slot_idx
-        gate_slots = c.gate and not commit and c.top_k > 0
+        gate_slots = c.gate and not commit and c.top_k > 0 and c.gate_mode != "entropy"
         gate_sinks = c.gate and c.sink_frames > 0
+        # The consensus vote reads each slot's mean key as it is attended: turned by the
+        # re-positioning when sink_rope="relative" (rotation is linear).
+        if c.sink_rope == "relative" and gate_slots:
+            vote_slots, mean_table = self._rot_slots, self._rot_mean_k[layer]
+        else:
+            vote_slots, mean_table = slots, self.bank.mean_k[layer]
         sink_mean = None
         if gate_sinks:
             sink_tokens = c.sink_frames * c.tokens_per_frame
@@ -372,7 +423,7 @@ class DySinkCache:
             n = slots.shape[1] if gate_slots else 0
             votes = torch.zeros(B, n + int(gate_sinks), device=self.device)
             if gate_slots:
-                votes[:, :n] = gate_votes(qbar, kbar_local, self.bank.mean_k[layer], slots)
+                votes[:, :n] = gate_votes(qbar, kbar_local, mean_table, vote_slots)
             if gate_sinks:
                 votes[:, n:] = gate_votes(qbar, kbar_local, sink_mean, self._sink_slots)
             votes = self.parallel.all_reduce_sum(votes)
@@ -386,21 +437,75 @@ class DySinkCache:
         else:
             if gate_slots:
                 kept, ratio = gate_from_means(
-                    qbar, kbar_local, self.bank.mean_k[layer], slots, c.tau, c.gate_scope,
-                    self.backend,
-                )  # fmt: skip
+                    qbar, kbar_local, mean_table, vote_slots, c.tau, c.gate_scope, self.backend
+                )
             if gate_sinks:
                 _, ratio_s = gate_from_means(
                     qbar, kbar_local, sink_mean, self._sink_slots, c.tau, c.gate_scope,
                     self.backend,
                 )  # fmt: skip
 
+        if gate_slots:  # back from the vote's slot numbering to the bank's
+            kept = torch.where(kept >= 0, slots, -1).to(slots.dtype)
+        if c.gate and not commit and c.gate_mode in ("entropy", "both"):
+            kept = torch.where(self.entropy_drop[layer], -1, kept).to(slots.dtype)
         if c.sink_frames == 0:
             return kept, ratio, None, None
         if ratio_s is None:
             return kept, ratio, None, torch.ones(B, dtype=torch.bool, device=self.device)
         sink_ratio = torch.where(self.sink_active, ratio_s[:, 0], 0.0)
         return kept, ratio, sink_ratio, sink_ratio <= c.tau
+
+    def _prepare_slots(self, cur: torch.Tensor) -> None:
+        """Per-block state of the retrieved slots: re-positioning shifts and the
+        gate's view of their mean keys."""
+        c = self.config
+        B, k = self.batch_size, c.top_k
+        valid = self.slot_idx >= 0
+        idx = self.slot_idx.clamp(min=0).long()
+        frames = self.bank.frame.index_select(0, idx.flatten()).view(B, k)
+        target = cur - c.repositioning_distance
+        self.slot_delta.copy_(torch.where(valid, (target - frames).float(), 0.0))
+        order = torch.arange(B * k, device=self.device, dtype=torch.int32).view(B, k)
+        self._rot_slots.copy_(torch.where(valid, order, -1))
+        if c.sink_rope == "relative":
+            means = self.bank.mean_k.index_select(1, idx.flatten())  # (L, B*k, H, D)
+            delta = self.slot_delta.reshape(1, B * k)
+            self._rot_mean_k.copy_(rotate_temporal(means, delta, c.rope_theta))
+
+    def _update_anomaly(self, layer: int, attn: SinkAttnStats) -> None:
+        """Entropy-anomaly statistics after a denoising call; decides the entropy gate's
+        drops for the next call of this layer (all on the device)."""
+        c = self.config
+        ent = attn.entropy.mean(dim=-1)  # (B, H) per-head mean entropy
+        mass = attn.slot_mass  # (B, H, k)
+        mean, var = self.ent_mean[layer], self.ent_var[layer]
+        warm = self._ent_updates[layer] >= c.anomaly_warmup
+        std = var.clamp(min=0).sqrt()
+        low = (ent < mean - c.anomaly_z * std) & warm
+        low_fraction = low.float().mean(dim=1)  # (B,)
+        mass_mean = mass.mean(dim=1)  # (B, k)
+        mass_cv = mass.std(dim=1, unbiased=False) / mass_mean.clamp(min=1e-12)
+        draws = mass_mean > c.anomaly_min_mass
+        drop = draws & ((low_fraction > 0.5)[:, None] | (mass_cv < c.anomaly_min_cv))
+        self.entropy_drop[layer].copy_(drop & (self.slot_idx >= 0))
+        if self._ent_updates[layer] == 0:
+            mean.copy_(ent)
+            var.zero_()
+        else:
+            d = c.anomaly_decay
+            diff = ent - mean
+            mean.add_((1.0 - d) * diff)
+            var.mul_(d).add_(d * (1.0 - d) * diff * diff)
+        self._ent_updates[layer] += 1
+        self._anomaly[layer] = AnomalyStats(
+            ent, mean.clone(), var.clamp(min=0).sqrt(), low_fraction, mass_mean, mass_cv,
+            self.entropy_drop[layer].clone(),
+        )  # fmt: skip
+
+    def anomaly(self, layer: int) -> AnomalyStats | None:
+        """Entropy-anomaly statistics of ``layer`` after its last denoising call."""
+        return self._anomaly[layer]
 
     @torch.no_grad()
     def end_block(self, feature: torch.Tensor | None = None) -> torch.Tensor:
@@ -500,6 +605,9 @@ class DySinkCache:
             "local_v": self.local_v,
             "frame_ksum": self.frame_ksum,
             "recent_feat": self.recent_feat,
+            "ent_mean": self.ent_mean,
+            "ent_var": self.ent_var,
+            "ent_updates": list(self._ent_updates),
             "bank": self.bank.state_dict(),
         }
 
@@ -525,8 +633,9 @@ class DySinkCache:
             if getattr(self, name).shape != state[name].shape:
                 raise ValueError(f"state {name!r} has shape {tuple(state[name].shape)}")
         self.bank.load_state_dict(state["bank"])
-        for name in ("local_k", "local_v", "frame_ksum", "frame_dev"):
+        for name in ("local_k", "local_v", "frame_ksum", "frame_dev", "ent_mean", "ent_var"):
             getattr(self, name).copy_(state[name])
+        self._ent_updates = list(state["ent_updates"])
         if state["recent_feat"] is None:
             self.recent_feat = None
         else:

@@ -10,6 +10,8 @@ GATE_SCOPES = ("batch", "sample")
 FEATURES = ("external", "mean_key")
 EXCLUDES = ("reference", "window")
 WINDOW_SCOPES = ("batch", "sample")
+SINK_ROPES = ("original", "relative")
+GATE_MODES = ("consensus", "entropy", "both")
 
 
 def _positive_int(name: str, value: object, minimum: int = 1) -> None:
@@ -56,6 +58,27 @@ class DySinkConfig:
             (default ``num_layers // 2``).
         stats: compute ``lse``/``entropy``/``slot_mass`` on every call.
         softmax_scale: attention scale (default ``1/sqrt(head_dim)``).
+
+    Beyond the paper (DESIGN 4):
+        sink_rope: ``"original"`` (retrieved keys keep their RoPE phases, as the paper)
+            or ``"relative"``: they are attended as if their block sat ``sink_distance``
+            frames before the current block (the kernel turns their temporal RoPE
+            pairs while loading; the bank is not rewritten).
+        sink_distance: frames between the current block's first frame and a
+            re-positioned entry's first frame (default ``local_frames - sink_frames``:
+            just before the steady window).
+        rope_theta: RoPE base of the model (Wan: 10000).
+        gate_mode: ``"consensus"`` (the paper's vote, default), ``"entropy"`` (the
+            entropy-anomaly gate alone) or ``"both"`` (drop when either says so).
+            The entropy gate drops a slot for the next denoising call of a layer when
+            the heads' attention entropy falls below its running mean minus
+            ``anomaly_z`` standard deviations while the slot draws at least
+            ``anomaly_min_mass`` of the attention, or when the heads' sink mass
+            collapses onto the slot (mean ``> anomaly_min_mass`` with a coefficient
+            of variation across heads ``< anomaly_min_cv``). Needs ``stats``.
+        anomaly_z, anomaly_decay, anomaly_warmup, anomaly_min_mass, anomaly_min_cv:
+            parameters of the entropy gate (EMA decay of the per-head entropy
+            statistics, calls before the z-test is trusted).
     """
 
     num_layers: int
@@ -77,6 +100,15 @@ class DySinkConfig:
     feature_layer: int | None = None
     stats: bool = True
     softmax_scale: float | None = None
+    sink_rope: str = "original"
+    sink_distance: int | None = None
+    rope_theta: float = 10000.0
+    gate_mode: str = "consensus"
+    anomaly_z: float = 2.0
+    anomaly_decay: float = 0.9
+    anomaly_warmup: int = 8
+    anomaly_min_mass: float = 0.1
+    anomaly_min_cv: float = 0.05
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_heads", "head_dim", "tokens_per_frame", "frames_per_block"):
@@ -118,6 +150,17 @@ class DySinkConfig:
             raise ValueError(
                 f"feature_layer must be in [0, {self.num_layers}), got {self.feature_layer!r}"
             )
+        if self.sink_rope not in SINK_ROPES:
+            raise ValueError(f"sink_rope must be one of {SINK_ROPES}, got {self.sink_rope!r}")
+        if self.sink_distance is not None:
+            _positive_int("sink_distance", self.sink_distance, 0)
+        if self.gate_mode not in GATE_MODES:
+            raise ValueError(f"gate_mode must be one of {GATE_MODES}, got {self.gate_mode!r}")
+        if self.gate_mode != "consensus" and not self.stats:
+            raise ValueError(f'gate_mode="{self.gate_mode}" needs stats=True (it reads entropy)')
+        if not 0.0 <= self.anomaly_decay < 1.0:
+            raise ValueError(f"anomaly_decay must be in [0, 1), got {self.anomaly_decay!r}")
+        _positive_int("anomaly_warmup", self.anomaly_warmup, 0)
         if self.softmax_scale is not None and not self.softmax_scale > 0:
             raise ValueError(f"softmax_scale must be positive, got {self.softmax_scale!r}")
 
@@ -136,6 +179,13 @@ class DySinkConfig:
         """Frames the window ring holds besides sinks: the widest window before the block."""
         widest = self.local_frames + self.frames_per_block * self.top_k
         return max(widest - self.sink_frames - self.frames_per_block, self.frames_per_block)
+
+    @property
+    def repositioning_distance(self) -> int:
+        """Frames from the current block back to a re-positioned entry's first frame."""
+        if self.sink_distance is not None:
+            return self.sink_distance
+        return self.local_frames - self.sink_frames
 
     @property
     def mean_key_layer(self) -> int:

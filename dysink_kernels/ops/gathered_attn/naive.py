@@ -11,6 +11,10 @@ The general form attends three segments of keys for each sample ``b``:
   ``local_ranges[b]`` (disjoint, end <= start means empty);
 * current keys: ``cur_k[b]`` in full (optional).
 
+Options: ``slot_delta (B, n)`` re-positions each slot's keys by that many frames
+(``rotate_temporal``, the stored bank is not touched); ``pool_k_scale/pool_v_scale
+(P, H)`` dequantise an fp8 bank (value = stored * scale).
+
 The public op (``gathered_sink_attention``) uses one local range ``[0, k_len)``
 and no current keys; ``DySinkCache`` uses all three (static sinks and the
 window ring as ranges of its local buffer, the call's own keys as current).
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from ..rope.naive import rotate_temporal_naive
 from .common import SinkAttnStats
 
 # Score-matrix budget per query chunk (elements of fp32), keeps the oracle usable
@@ -47,6 +52,10 @@ def gathered_attention_naive(
     cur_v: torch.Tensor | None,
     softmax_scale: float,
     return_stats: bool,
+    slot_delta: torch.Tensor | None = None,
+    rope_theta: float = 10000.0,
+    pool_k_scale: torch.Tensor | None = None,
+    pool_v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SinkAttnStats | None]:
     B, Sq, H, D = q.shape
     P, S_e = pool_k.shape[:2]
@@ -56,8 +65,15 @@ def gathered_attention_naive(
     slot_valid = slot_idx >= 0
     if P > 0 and n > 0:
         flat = slot_idx.clamp(min=0).long().reshape(-1)
-        gk = pool_k.index_select(0, flat).reshape(B, n * S_e, H, D)
-        gv = pool_v.index_select(0, flat).reshape(B, n * S_e, H, D)
+        gk = pool_k.index_select(0, flat).reshape(B, n, S_e, H, D)
+        gv = pool_v.index_select(0, flat).reshape(B, n, S_e, H, D)
+        if pool_k_scale is not None:  # fp8 bank: dequantise per (slot, head)
+            gk = gk.float() * pool_k_scale.index_select(0, flat).view(B, n, 1, H, 1)
+            gv = gv.float() * pool_v_scale.index_select(0, flat).view(B, n, 1, H, 1)
+        if slot_delta is not None:  # re-positioned sinks: turn the temporal RoPE pairs
+            gk = rotate_temporal_naive(gk.float(), slot_delta.float()[..., None], rope_theta)
+        gk = gk.reshape(B, n * S_e, H, D)
+        gv = gv.reshape(B, n * S_e, H, D)
     else:
         gk = q.new_zeros(B, n * S_e, H, D)
         gv = q.new_zeros(B, n * S_e, H, D)
@@ -72,8 +88,8 @@ def gathered_attention_naive(
         parts_k.append(cur_k)
         parts_v.append(cur_v)
         parts_m.append(torch.ones(B, cur_k.shape[1], dtype=torch.bool, device=device))
-    keys = torch.cat(parts_k, dim=1).float()
-    vals = torch.cat(parts_v, dim=1).float()
+    keys = torch.cat([t.float() for t in parts_k], dim=1)
+    vals = torch.cat([t.float() for t in parts_v], dim=1)
     mask = torch.cat(parts_m, dim=1)[:, None, None, :]  # (B, 1, 1, N)
     n_keys = keys.shape[1]
     n_slot_keys = n * S_e

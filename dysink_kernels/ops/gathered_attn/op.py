@@ -48,6 +48,10 @@ def gathered_attention(
     *,
     softmax_scale: float | None = None,
     return_stats: bool = False,
+    slot_delta: torch.Tensor | None = None,
+    rope_theta: float = 10000.0,
+    pool_k_scale: torch.Tensor | None = None,
+    pool_v_scale: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, SinkAttnStats | None]:
     """General form used inside the package; inputs are trusted (no checks).
@@ -60,7 +64,8 @@ def gathered_attention(
     name, _ = resolve_backend(OP_NAME, backend, q.device)
     out, lse, ent, mass = torch.ops.dysink.gathered_attention(
         q, pool_k, pool_v, slot_idx, local_k, local_v, local_ranges, cur_k, cur_v,
-        float(scale), bool(return_stats), name,
+        float(scale), bool(return_stats), slot_delta, float(rope_theta), pool_k_scale,
+        pool_v_scale, name,
     )  # fmt: skip
     if not return_stats:
         return out, None
@@ -78,6 +83,8 @@ def gathered_sink_attention(
     k_len: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     return_stats: bool = False,
+    slot_rotate: torch.Tensor | None = None,
+    rope_theta: float = 10000.0,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, SinkAttnStats | None]:
     """Softmax attention of ``q`` over gathered bank slots plus a local window.
@@ -97,6 +104,10 @@ def gathered_sink_attention(
         softmax_scale: score scale; ``None`` means ``1/sqrt(D)``.
         return_stats: also return :class:`SinkAttnStats` (``lse``, ``entropy``,
             ``slot_mass``), computed in the same pass.
+        slot_rotate: ``(B, n)`` frames by which to re-position each slot's keys
+            (their Wan temporal RoPE pairs turn by ``exp(i w_j delta)`` while they are
+            read; the pool is not modified). ``None``: keys as stored.
+        rope_theta: RoPE base used by ``slot_rotate``.
         backend: ``"auto"``, or a registered backend name (``"naive"``, ...).
 
     Returns:
@@ -144,8 +155,18 @@ def gathered_sink_attention(
     ):
         raise ValueError(f"softmax_scale must be a positive number, got {softmax_scale!r}")
 
+    if slot_rotate is not None:
+        check_tensor(slot_rotate, "slot_rotate", 2, None, device=device)
+        if slot_rotate.shape != slot_idx.shape:
+            raise ValueError(
+                f"slot_rotate must have the shape of slot_idx {tuple(slot_idx.shape)}, got "
+                f"{tuple(slot_rotate.shape)}"
+            )
+        slot_rotate = slot_rotate.float()
+
     ranges = torch.stack([torch.zeros_like(k_len), k_len], dim=-1).to(torch.int32)[:, None, :]
     return gathered_attention(
         q, pool_k, pool_v, slot_idx, k, v, ranges,
-        softmax_scale=softmax_scale, return_stats=return_stats, backend=backend,
+        softmax_scale=softmax_scale, return_stats=return_stats, slot_delta=slot_rotate,
+        rope_theta=rope_theta, backend=backend,
     )  # fmt: skip

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..rope.naive import wan_rope_freqs
 from .common import SinkAttnStats
 
 LOG2E = 1.4426950408889634
@@ -49,13 +50,28 @@ __all__ = ["KernelConfig", "flops", "gathered_attention_triton", "pick_config"]
 
 # ----------------------------------------------------------------------------- kernel
 @triton.jit
+def _rotate_pairs(b_x, cos, sin, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Multiply each adjacent channel pair ``(2j, 2j+1)`` of ``b_x`` by ``cos_j + i sin_j``.
+
+    cos/sin come from a host-built table (fp64 angles): no trigonometry in the loop,
+    whose large-argument reduction would need a local-memory array."""
+    x = tl.reshape(b_x.to(tl.float32), (BLOCK_N, BLOCK_D // 2, 2))
+    x_re, x_im = tl.split(x)
+    cs = cos[None, :]
+    sn = sin[None, :]
+    y = tl.join(x_re * cs - x_im * sn, x_re * sn + x_im * cs)
+    return tl.reshape(y, (BLOCK_N, BLOCK_D)).to(b_x.dtype)
+
+
+@triton.jit
 def _gathered_attn_fwd(
-    Q, PK, PV, SLOT, LK, LV, RANGES, CK, CV,
+    Q, PK, PV, SLOT, LK, LV, RANGES, CK, CV, ROT_COS, ROT_SIN,
     OUT, LSE, ENT, MASS,
     n_slots, Sq, S_e, Sc, H, qk_scale,
     stride_qb, stride_qm, stride_qh,
     stride_pp, stride_pn, stride_ph,
     stride_sb, stride_sn,
+    stride_rotb, stride_rotn,
     stride_lb, stride_ln, stride_lh,
     stride_rb, stride_rr,
     stride_cb, stride_cn, stride_ch,
@@ -65,6 +81,7 @@ def _gathered_attn_fwd(
     N_RANGES: tl.constexpr,
     HAS_CUR: tl.constexpr,
     STATS: tl.constexpr,
+    ROTATE: tl.constexpr,
     N_SLOTS: tl.constexpr,
     N_SEGS: tl.constexpr,
     ALIGN: tl.constexpr,
@@ -106,6 +123,8 @@ def _gathered_attn_fwd(
     if HAS_CUR:
         g_len = tl.where(o_g == n_slots + N_RANGES, Sc, g_len)
     g_row = tl.where(is_range, lo, 0)
+    if ROTATE:  # per-slot re-positioning: cos/sin of each channel pair's turn
+        o_p = tl.arange(0, BLOCK_D // 2)
     g_tiles = tl.cdiv(g_len, BLOCK_N)
     g_first = tl.cumsum(g_tiles, 0) - g_tiles
     n_tiles = tl.sum(g_tiles, 0)
@@ -153,6 +172,11 @@ def _gathered_attn_fwd(
         p_v = base_v + (row + o_n)[:, None] * s_n + o_d[None, :]
         b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)
         b_v = tl.load(p_v, mask=m_n[:, None] & m_d[None, :], other=0.0)
+        if ROTATE:
+            p_rot = i_b64 * stride_rotb + seg * stride_rotn + o_p
+            rot_cos = tl.load(ROT_COS + p_rot, mask=kind_slot & (o_p >= 0), other=1.0)
+            rot_sin = tl.load(ROT_SIN + p_rot, mask=kind_slot & (o_p >= 0), other=0.0)
+            b_k = _rotate_pairs(b_k, rot_cos, rot_sin, BLOCK_N, BLOCK_D)
 
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
@@ -278,6 +302,19 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 # ----------------------------------------------------------------------------- launcher
+def _rotation_table(
+    slot_delta: torch.Tensor, head_dim: int, block_d: int, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, n, block_d // 2)`` fp32 cos/sin of each channel pair's turn for a slot moved
+    by ``slot_delta`` frames: Wan's temporal pairs turn by ``w_j * delta`` (fp64),
+    every other pair (and the padding) stays put."""
+    w_t = wan_rope_freqs(head_dim, theta, slot_delta.device)[0]
+    ang = torch.zeros(*slot_delta.shape, block_d // 2, dtype=torch.float64,
+                      device=slot_delta.device)  # fmt: skip
+    ang[..., : w_t.shape[0]] = slot_delta.double()[..., None] * w_t
+    return torch.cos(ang).float().contiguous(), torch.sin(ang).float().contiguous()
+
+
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Output allocation (the tests swap in a NaN-filled one to catch unwritten elements)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -307,10 +344,16 @@ def gathered_attention_triton(
     cur_v: torch.Tensor | None,
     softmax_scale: float,
     return_stats: bool,
+    slot_delta: torch.Tensor | None = None,
+    rope_theta: float = 10000.0,
+    pool_k_scale: torch.Tensor | None = None,
+    pool_v_scale: torch.Tensor | None = None,
     config: KernelConfig | None = None,
 ) -> tuple[torch.Tensor, SinkAttnStats | None]:
     """Triton backend of ``gathered_attention`` (see ``naive.py`` for the semantics)."""
     B, Sq, H, D = q.shape
+    if pool_k_scale is not None or pool_v_scale is not None:
+        raise NotImplementedError("the triton backend does not read fp8 banks yet")
     if D % 16 or D > 256:
         raise ValueError(f"the triton backend needs head_dim a multiple of 16 up to 256, got {D}")
     q = _last_dim_contiguous(q)
@@ -333,7 +376,8 @@ def gathered_attention_triton(
     if config is None and q.is_cuda and os.environ.get("DYSINK_AUTOTUNE", "0") == "1":
         config = _autotune(
             (q, pool_k, pool_v, slot_idx, local_k, local_v, local_ranges,
-             cur_k if has_cur else None, cur_v if has_cur else None, softmax_scale, return_stats),
+             cur_k if has_cur else None, cur_v if has_cur else None, softmax_scale, return_stats,
+             slot_delta, rope_theta),
         )  # fmt: skip
     cfg = config or pick_config(q.device, D)
     n_m = triton.cdiv(Sq, cfg.block_m)
@@ -345,24 +389,33 @@ def gathered_attention_triton(
     else:
         lse = ent = mass = torch.empty(1, 1, 1, 1, dtype=torch.float32, device=q.device)
 
+    rotate = slot_delta is not None
+    block_d = max(16, triton.next_power_of_2(D))
+    if rotate:
+        rot_cos, rot_sin = _rotation_table(slot_delta, D, block_d, rope_theta)
+    else:
+        rot_cos = rot_sin = lse  # never read without ROTATE
     grid = (n_m, B * H)
     _gathered_attn_fwd[grid](
         q, pool_k, pool_v, slot_idx, local_k, local_v, local_ranges, cur_k, cur_v,
+        rot_cos, rot_sin,
         out, lse, ent, mass,
         n, Sq, S_e, Sc, H, softmax_scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         pool_k.stride(0), pool_k.stride(1), pool_k.stride(2),
         slot_idx.stride(0), slot_idx.stride(1),
+        rot_cos.stride(0) if rotate else 0, rot_cos.stride(1) if rotate else 0,
         local_k.stride(0), local_k.stride(1), local_k.stride(2),
         local_ranges.stride(0), local_ranges.stride(1),
         cur_k.stride(0), cur_k.stride(1), cur_k.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         mass.stride(0), mass.stride(1), mass.stride(2),
         D=D, N_RANGES=local_ranges.shape[1], HAS_CUR=has_cur, STATS=return_stats,
+        ROTATE=rotate,
         N_SLOTS=n_slots_pad, N_SEGS=_n_segs(n, local_ranges.shape[1]),
         ALIGN=_alignment(pool_k, pool_v, local_k, local_v, cur_k, cur_v),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_D=max(16, triton.next_power_of_2(D)), PRECISION=_precision(q.dtype),
+        BLOCK_D=block_d, PRECISION=_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if not return_stats:
@@ -375,11 +428,11 @@ def _autotune(args: tuple) -> KernelConfig:
     """Time every candidate on these inputs once per shape key; keep the fastest."""
     from triton.testing import do_bench
 
-    q, pool_k, _, slot_idx, local_k, _, ranges, cur_k, _, _, stats = args
+    q, pool_k, _, slot_idx, local_k, _, ranges, cur_k, _, _, stats, delta, _ = args
     key = (
         torch.cuda.get_device_capability(q.device), q.dtype, tuple(q.shape), tuple(pool_k.shape),
         slot_idx.shape[1], tuple(local_k.shape), ranges.shape[1],
-        None if cur_k is None else tuple(cur_k.shape), stats,
+        None if cur_k is None else tuple(cur_k.shape), stats, delta is None,
     )  # fmt: skip
     if key not in _AUTOTUNED:
         block_d = max(16, triton.next_power_of_2(q.shape[-1]))
@@ -412,8 +465,8 @@ def flops(batch: int, heads: int, sq: int, n_keys: int, head_dim: int) -> float:
 
 
 # ----------------------------------------------------------------------------- AOT report
-_CONSTEXPRS = ("D", "N_RANGES", "HAS_CUR", "STATS", "N_SLOTS", "N_SEGS", "ALIGN", "BLOCK_M",
-               "BLOCK_N", "BLOCK_D", "PRECISION")  # fmt: skip
+_CONSTEXPRS = ("D", "N_RANGES", "HAS_CUR", "STATS", "ROTATE", "N_SLOTS", "N_SEGS", "ALIGN",
+               "BLOCK_M", "BLOCK_N", "BLOCK_D", "PRECISION")  # fmt: skip
 _TENSORS = ("Q", "PK", "PV", "LK", "LV", "CK", "CV", "OUT")
 
 
@@ -429,7 +482,7 @@ def aot_specs(arch: int, head_dim: int = 128, dtype: str = "bf16") -> list:
             sig[name] = f"*{dtype}"
         elif name in ("SLOT", "RANGES"):
             sig[name] = "*i32"
-        elif name in ("LSE", "ENT", "MASS"):
+        elif name in ("LSE", "ENT", "MASS", "ROT_COS", "ROT_SIN"):
             sig[name] = "*fp32"
         elif name in _CONSTEXPRS:
             sig[name] = "constexpr"
@@ -441,27 +494,32 @@ def aot_specs(arch: int, head_dim: int = 128, dtype: str = "bf16") -> list:
         n
         for n in _gathered_attn_fwd.arg_names
         if n in _TENSORS or n in ("LSE", "ENT", "MASS") or
-        (n.startswith("stride") and n not in ("stride_sn", "stride_rr", "stride_sb", "stride_rb"))
+        (n.startswith("stride") and n not in ("stride_sn", "stride_rr", "stride_sb", "stride_rb",
+                                              "stride_rotb", "stride_rotn"))
     )  # fmt: skip
     specs = []
-    for path, n_ranges, has_cur in (("module", 3, True), ("op", 1, False)):
-        for stats in (False, True):
-            const = dict(
-                D=head_dim, N_RANGES=n_ranges, HAS_CUR=has_cur, STATS=stats, N_SLOTS=2,
-                N_SEGS=_n_segs(2, n_ranges), ALIGN=_ALIGN_ELEMS,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_dim, PRECISION="tf32",
-            )  # fmt: skip
-            specs.append(
-                KernelSpec(
-                    name=f"gathered_attn[{path}{'+stats' if stats else ''}]",
-                    fn=_gathered_attn_fwd,
-                    signature=sig,
-                    constexprs=const,
-                    num_warps=cfg.num_warps,
-                    num_stages=cfg.num_stages,
-                    config={"D": head_dim, "dtype": dtype, **cfg.as_dict()},
-                    divisible=divisible,
-                    needs_tensor_cores=True,
-                )
+    variants = [
+        ("module", 3, True, False, False), ("module+stats", 3, True, True, False),
+        ("op", 1, False, False, False), ("op+stats", 1, False, True, False),
+        ("module+stats+rotate", 3, True, True, True),
+    ]  # fmt: skip
+    for label, n_ranges, has_cur, stats, rotate in variants:
+        const = dict(
+            D=head_dim, N_RANGES=n_ranges, HAS_CUR=has_cur, STATS=stats, ROTATE=rotate, N_SLOTS=2,
+            N_SEGS=_n_segs(2, n_ranges), ALIGN=_ALIGN_ELEMS,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_dim, PRECISION="tf32",
+        )  # fmt: skip
+        specs.append(
+            KernelSpec(
+                name=f"gathered_attn[{label}]",
+                fn=_gathered_attn_fwd,
+                signature=sig,
+                constexprs=const,
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+                config={"D": head_dim, "dtype": dtype, **cfg.as_dict()},
+                divisible=divisible,
+                needs_tensor_cores=True,
             )
+        )
     return specs
