@@ -104,7 +104,7 @@ def _opcheck_inputs():
     attn = (
         r(B, Sq, H, D), r(P, S_e, H, D), r(P, S_e, H, D), i32([[0, -1], [3, 3]]),
         r(B, N, H, D), r(B, N, H, D), i32([[[0, 4]], [[2, 9]]]), r(B, 4, H, D), r(B, 4, H, D),
-        0.25, True,
+        0.25, True, r(B, 2), 10000.0, None, None,
     )  # fmt: skip
     select = (
         r(B, 2, 8),
