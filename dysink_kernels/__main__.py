@@ -1,4 +1,4 @@
-"""Command line: ``python -m dysink_kernels {demo,kernels,info}``."""
+"""Command line: ``python -m dysink_kernels {demo,kernels,rope-diagnostic,info}``."""
 
 from __future__ import annotations
 
@@ -104,6 +104,29 @@ def _cmd_kernels(args: argparse.Namespace) -> int:
     return 1 if failures and args.strict else 0
 
 
+def _cmd_rope_diagnostic(args: argparse.Namespace) -> int:
+    from .diagnostics import plot_rope_diagnostic, rope_diagnostic
+
+    result = rope_diagnostic(
+        max_distance=args.max_distance, points=args.points, heads=args.heads,
+        head_dim=args.head_dim, seed=args.seed,
+    )  # fmt: skip
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "rope_diagnostic.json"), "w") as f:
+        json.dump(result, f)
+    png = plot_rope_diagnostic(result, os.path.join(args.out, "rope_diagnostic.png"))
+    for prefix in ("original", "relative"):
+        sim = result[f"{prefix}_similarity"]
+        print(
+            f"{prefix:9} sink: inter-head similarity {min(sim):.3f}..{max(sim):.3f}, "
+            f"gate ratio {min(result[f'{prefix}_gate_ratio']):.2f}.."
+            f"{max(result[f'{prefix}_gate_ratio']):.2f} over distances "
+            f"{result['distance'][0]}..{result['distance'][-1]} frames"
+        )
+    print(f"wrote {png}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dysink_kernels", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -131,6 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--json", action="store_true")
     k.add_argument("--strict", action="store_true", help="exit 1 when a CI gate fails")
     k.set_defaults(fn=_cmd_kernels)
+
+    r = sub.add_parser("rope-diagnostic", help="plot RoPE phase re-alignment of distant sinks")
+    r.add_argument("--out", default="rope_out")
+    r.add_argument("--max-distance", type=int, default=1200)
+    r.add_argument("--points", type=int, default=241)
+    r.add_argument("--heads", type=int, default=12)
+    r.add_argument("--head-dim", type=int, default=128)
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(fn=_cmd_rope_diagnostic)
 
     i = sub.add_parser("info", help="versions, devices and available backends")
     i.add_argument("--json", action="store_true")

@@ -131,3 +131,19 @@ def test_entropy_gate_matches_naive_recomputation():
                 assert kept[b][j] == (-1 if dropped or slot < 0 else slot)
         last[layer] = (block, drop)
     assert n_drops > 0, "the entropy gate never dropped a slot: the test would prove little"
+
+
+def test_rope_diagnostic_cli(tmp_path, capsys):
+    from dysink_kernels.__main__ import main
+
+    rc = main(["rope-diagnostic", "--out", str(tmp_path), "--points", "9", "--max-distance", "300"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "original" in out and "relative" in out
+    assert (tmp_path / "rope_diagnostic.png").exists()
+    import json
+
+    data = json.loads((tmp_path / "rope_diagnostic.json").read_text())
+    # re-positioned sinks do not depend on the distance; original ones do
+    assert len(set(data["relative_similarity"])) == 1
+    assert len(set(data["original_similarity"])) > 1
