@@ -16,6 +16,17 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
+def canonical_device(device: torch.device | str | None) -> torch.device:
+    """``"cuda"`` -> ``cuda:<current>``: tensors always report an index, so comparisons
+    against a user-given device must use the same form. ``None`` means the CPU."""
+    if device is None:
+        return torch.device("cpu")
+    device = torch.device(device)
+    if device.type != "cpu" and device.index is None:
+        return torch.empty(0, device=device).device
+    return device
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ._validate import canonical_device
 from .ops.bank_insert import bank_insert
 
 __all__ = ["FrameBank"]
@@ -51,7 +52,7 @@ class FrameBank:
         self.max_entries = max_entries
         self.limit = slots_per_sample if max_entries is None else min(max_entries, slots_per_sample)
         self.entry_tokens = entry_tokens
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = canonical_device(device)
         P = batch_size * slots_per_sample
         shape = (num_layers, P, entry_tokens, num_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=self.device)

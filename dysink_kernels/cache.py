@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._validate import check_dim, check_tensor, dtype_name
+from ._validate import canonical_device, check_dim, check_tensor, dtype_name
 from .bank import FrameBank
 from .config import DySinkConfig
 from .ops.gathered_attn import SinkAttnStats, gathered_attention
@@ -180,7 +180,7 @@ class DySinkCache:
             )
         self.config = config
         self.batch_size = batch_size
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = canonical_device(device)
         self.dtype = dtype
         self.backend = backend
         self.parallel = parallel

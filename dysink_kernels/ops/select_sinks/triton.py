@@ -1,0 +1,233 @@
+"""Fused Triton select_sinks: mean-cosine relevance and top-k in one launch.
+
+One program per sample ``b`` (grid ``(B,)``). The mean cosine is linear in the
+normalised query rows, so with ``u_b = sum_m valid[b, m] * q[b, m] / max(|q[b, m]|, eps)``
+
+    score[b, p] = (u_b . s_p) / max(|s_p|, eps) / count_b,
+
+and one dot product per slot replaces ``M`` cosines. The program
+
+1. reads its ``M`` query rows once for their norms (``M * F`` elements);
+2. walks the slots in tiles of ``BLOCK_P`` (``F`` in tiles of ``BLOCK_F``): the
+   candidate mask (owner, frame exclusions) comes first and masks the feature
+   loads, so only the sample's own candidate rows are read from memory
+   (``|cand_b| * F`` elements, plus ``u_b`` rebuilt from the queries per tile);
+3. keeps a running top-k of ``BLOCK_K`` entries in registers, merged with each
+   tile by ``k`` arg-max passes over (score desc, frame asc, slot asc): a pass
+   takes the best remaining of the tile and of the running list, the winner is
+   masked out. A slot's rank key is ``frame * P + slot``, unique per slot;
+4. writes the chosen entries ordered by key (frame, then slot) ascending,
+   ``-1`` / ``-inf`` padding after them.
+
+Cost: ``ceil(P / BLOCK_P) * k`` passes of two ``BLOCK_P``-wide reductions, which
+is why ``k`` is bounded by ``MAX_K`` and a whole production bank
+(``P <= MAX_BLOCK_P``) fits one tile.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .naive import select_sinks_naive
+
+__all__ = ["MAX_BLOCK_P", "MAX_K", "select_sinks_triton"]
+
+# Largest k of the register top-k; larger k runs the oracle (same result, more launches).
+MAX_K = 64
+# Slots scored and ranked per tile: a production bank (P <= 1024) is one tile, so
+# the k arg-max passes run once.
+MAX_BLOCK_P = 1024
+# Elements of one (BLOCK_P, BLOCK_F) slot-feature tile held in registers.
+TILE_ELEMS = 8192
+# F.normalize's default eps: a zero vector normalises to zero.
+NORM_EPS = 1e-12
+# Eight warps keep the tile, the running top-k and the pipeline buffers in registers
+# without spills up to BLOCK_K = 16.
+NUM_WARPS = 8
+
+KEY_NONE = tl.constexpr(9223372036854775807)  # int64 max: rank key of "no entry"
+
+
+@triton.jit
+def _select_sinks_fwd(
+    qf_ptr,
+    sf_ptr,
+    owner_ptr,
+    frame_ptr,
+    lo_ptr,
+    hi_ptr,
+    slot_out_ptr,
+    score_out_ptr,
+    M,
+    F,
+    P,
+    k,
+    sink_frames,
+    stride_qb,
+    stride_qm,
+    stride_qf,
+    stride_sp,
+    stride_sf,
+    stride_owner,
+    stride_frame,
+    stride_lo,
+    stride_hi,
+    stride_ob,
+    stride_ok,
+    stride_cb,
+    stride_ck,
+    NORM_EPS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Top-k bank slots of sample ``i_b`` by mean cosine; see the module docstring."""
+    i_b = tl.program_id(0).to(tl.int64)
+    p_q = qf_ptr + i_b * stride_qb
+    o_m = tl.arange(0, BLOCK_M)
+    m_m = o_m < M
+
+    # Query norms and validity (a row of zeros is padding; NaN != 0 counts as valid,
+    # as in the oracle, and then poisons every score of the sample).
+    b_qsq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_qnz = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for f0 in range(0, F, BLOCK_F):
+        o_f = f0 + tl.arange(0, BLOCK_F)
+        m_qf = m_m[:, None] & (o_f < F)[None, :]
+        b_q = tl.load(
+            p_q + o_m[:, None] * stride_qm + o_f[None, :] * stride_qf, mask=m_qf, other=0.0
+        ).to(tl.float32)
+        b_qsq += tl.sum(b_q * b_q, axis=1)
+        b_qnz = tl.maximum(b_qnz, tl.max((b_q != 0.0).to(tl.int32), axis=1))
+    n_valid = tl.sum(b_qnz, axis=0)
+    # Zero rows get a finite weight and contribute zeros; no valid row -> no candidate.
+    b_qinv = 1.0 / tl.maximum(tl.sqrt(b_qsq), NORM_EPS)
+    inv_count = 1.0 / tl.maximum(n_valid, 1).to(tl.float32)
+
+    lo = tl.load(lo_ptr + i_b * stride_lo).to(tl.int64)
+    hi = tl.load(hi_ptr + i_b * stride_hi).to(tl.int64)
+
+    o_k = tl.arange(0, BLOCK_K)
+    r_score = tl.full([BLOCK_K], float("-inf"), dtype=tl.float32)
+    r_key = tl.full([BLOCK_K], KEY_NONE, dtype=tl.int64)
+    for p0 in range(0, P, BLOCK_P):
+        o_p = p0 + tl.arange(0, BLOCK_P)
+        m_p = o_p < P
+        b_owner = tl.load(owner_ptr + o_p * stride_owner, mask=m_p, other=-1).to(tl.int64)
+        b_frame = tl.load(frame_ptr + o_p * stride_frame, mask=m_p, other=0).to(tl.int64)
+        m_cand = (
+            m_p
+            & (b_owner == i_b)
+            & ((b_frame < lo) | (b_frame >= hi))
+            & (b_frame >= sink_frames)
+            & (n_valid > 0)
+        )
+
+        b_dot = tl.zeros([BLOCK_P], dtype=tl.float32)
+        b_ssq = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for f0 in range(0, F, BLOCK_F):
+            o_f = f0 + tl.arange(0, BLOCK_F)
+            m_f = o_f < F
+            b_q = tl.load(
+                p_q + o_m[:, None] * stride_qm + o_f[None, :] * stride_qf,
+                mask=m_m[:, None] & m_f[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            b_u = tl.sum(b_q * b_qinv[:, None], axis=0)  # (BLOCK_F,) of u_b
+            # Non-candidate rows are never fetched.
+            b_s = tl.load(
+                sf_ptr + o_p[:, None] * stride_sp + o_f[None, :] * stride_sf,
+                mask=m_cand[:, None] & m_f[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            b_dot += tl.sum(b_s * b_u[None, :], axis=1)
+            b_ssq += tl.sum(b_s * b_s, axis=1)
+        b_score = b_dot / tl.maximum(tl.sqrt(b_ssq), NORM_EPS) * inv_count
+        m_cand = m_cand & (b_score == b_score)  # a NaN score is never a candidate
+        b_score = tl.where(m_cand, b_score, float("-inf"))
+        b_key = tl.where(m_cand, b_frame * P + o_p, KEY_NONE)
+
+        # Merge the tile into the running top-k: pass i fixes rank i.
+        n_score = tl.full([BLOCK_K], float("-inf"), dtype=tl.float32)
+        n_key = tl.full([BLOCK_K], KEY_NONE, dtype=tl.int64)
+        for i in range(k):
+            t_best = tl.max(b_score, axis=0)
+            t_key = tl.min(tl.where(b_score == t_best, b_key, KEY_NONE), axis=0)
+            r_best = tl.max(r_score, axis=0)
+            r_first = tl.min(tl.where(r_score == r_best, r_key, KEY_NONE), axis=0)
+            take_tile = (t_best > r_best) | ((t_best == r_best) & (t_key < r_first))
+            best = tl.where(take_tile, t_best, r_best)
+            key = tl.where(take_tile, t_key, r_first)
+            n_score = tl.where(o_k == i, best, n_score)
+            n_key = tl.where(o_k == i, key, n_key)
+            # Keys are unique, so this masks exactly the winner (or nothing new when
+            # only padding is left).
+            b_score = tl.where(b_key == key, float("-inf"), b_score)
+            b_key = tl.where(b_key == key, KEY_NONE, b_key)
+            r_score = tl.where(r_key == key, float("-inf"), r_score)
+            r_key = tl.where(r_key == key, KEY_NONE, r_key)
+        r_score = n_score
+        r_key = n_key
+
+    # Output position = entries before it in (key, index) order: the chosen by
+    # (frame, slot) ascending, then the padding; positions >= k are not written.
+    m_chosen = r_score > float("-inf")
+    r_key_row = r_key[:, None]
+    r_key_col = r_key[None, :]
+    before = (r_key_col < r_key_row) | ((r_key_col == r_key_row) & (o_k[None, :] < o_k[:, None]))
+    pos = tl.sum(before.to(tl.int32), axis=1)
+    slot = tl.where(m_chosen, r_key % P, -1)
+    m_out = pos < k
+    tl.store(slot_out_ptr + i_b * stride_ob + pos * stride_ok, slot.to(tl.int32), mask=m_out)
+    tl.store(score_out_ptr + i_b * stride_cb + pos * stride_ck, r_score, mask=m_out)
+
+
+def select_sinks_triton(
+    query_feat: torch.Tensor,
+    slot_feat: torch.Tensor,
+    slot_owner: torch.Tensor,
+    slot_frame: torch.Tensor,
+    k: int,
+    exclude_lo: torch.Tensor,
+    exclude_hi: torch.Tensor,
+    sink_frames: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton backend of ``select_sinks`` (see ``naive.py`` for the semantics).
+
+    ``k > MAX_K`` runs the oracle instead: the register top-k is built for the
+    small ``k`` of sink retrieval.
+    """
+    if k > MAX_K:
+        return select_sinks_naive(
+            query_feat, slot_feat, slot_owner, slot_frame, k, exclude_lo, exclude_hi,
+            sink_frames,
+        )  # fmt: skip
+    B, M, F = query_feat.shape
+    P = slot_feat.shape[0]
+    device = query_feat.device
+    if k == 0 or P == 0 or B == 0:
+        slot_out = torch.full((B, k), -1, dtype=torch.int32, device=device)
+        return slot_out, torch.full((B, k), float("-inf"), dtype=torch.float32, device=device)
+    # Every position < k is written by the kernel (the positions are a permutation).
+    slot_out = torch.empty((B, k), dtype=torch.int32, device=device)
+    score_out = torch.empty((B, k), dtype=torch.float32, device=device)
+
+    block_p = min(triton.next_power_of_2(P), MAX_BLOCK_P)
+    block_f = min(triton.next_power_of_2(max(F, 1)), max(TILE_ELEMS // block_p, 1))
+    _select_sinks_fwd[(B,)](
+        query_feat, slot_feat, slot_owner, slot_frame, exclude_lo, exclude_hi,
+        slot_out, score_out,
+        M, F, P, k, sink_frames,
+        query_feat.stride(0), query_feat.stride(1), query_feat.stride(2),
+        slot_feat.stride(0), slot_feat.stride(1),
+        slot_owner.stride(0), slot_frame.stride(0),
+        exclude_lo.stride(0), exclude_hi.stride(0),
+        slot_out.stride(0), slot_out.stride(1), score_out.stride(0), score_out.stride(1),
+        NORM_EPS=NORM_EPS,
+        BLOCK_M=triton.next_power_of_2(max(M, 1)), BLOCK_F=block_f, BLOCK_P=block_p,
+        BLOCK_K=triton.next_power_of_2(k), num_warps=NUM_WARPS,
+    )  # fmt: skip
+    return slot_out, score_out
