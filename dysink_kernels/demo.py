@@ -25,7 +25,7 @@ from .config import DySinkConfig
 from .models import TinyVideoDiT, generate_block
 from .sink_attention import SinkAttention
 
-__all__ = ["DemoResult", "run_demo"]
+__all__ = ["DemoResult", "run_demo", "run_wan_demo"]
 
 
 @dataclass
@@ -160,6 +160,145 @@ def run_demo(
             on_block(record)
         if bar is not None:
             bar.update(1)
+    result.seconds = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    return result
+
+
+def run_wan_demo(
+    blocks: int = 24,
+    layers: int = 4,
+    heads: int = 4,
+    head_dim: int = 32,
+    latent_hw: tuple[int, int] = (8, 12),
+    batch: int = 1,
+    device: str = "cpu",
+    backend: str = "auto",
+    seed: int = 0,
+    feature: str = "mean_key",
+    steps: int = 4,
+    top_k: int = 2,
+    sink_frames: int = 0,
+    local_frames: int = 9,
+    tau: float = 0.8,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    on_block=None,
+) -> DemoResult:
+    """The demo on a random-weight diffusers ``WanTransformer3DModel`` (nothing downloaded).
+
+    DySink goes in through ``integrations.diffusers_wan`` (``enable_dysink`` and
+    ``generate_video``, flow-matching timesteps ``1000 .. 1000/steps``); the prompt
+    embedding cycles through scenes as in ``run_demo``. Records have the same fields.
+    """
+    from diffusers import WanTransformer3DModel
+
+    from .integrations.diffusers_wan import dysink_config_for, enable_dysink, generate_video
+
+    dev = torch.device(device)
+    text_dim, text_len, channels, n_scenes = 32, 8, 4, 4
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
+        in_channels=channels, out_channels=channels, text_dim=text_dim, freq_dim=32,
+        ffn_dim=2 * heads * head_dim, num_layers=layers, rope_max_seq_len=64,
+    )  # fmt: skip
+    # diffusers builds in fp32; casting warns that it keeps some modules in fp32
+    # only through from_pretrained, so the default dtype skips the cast.
+    model = (model.to(dev) if dtype == torch.float32 else model.to(dev, dtype)).eval()
+    cfg = dysink_config_for(
+        model, latent_hw, top_k=top_k, sink_frames=sink_frames, local_frames=local_frames,
+        tau=tau, feature=feature,
+    )  # fmt: skip
+    cache = DySinkCache(cfg, batch_size=batch, device=dev, dtype=dtype, backend=backend)
+    g = torch.Generator().manual_seed(seed + 1)
+    scene_ctx = torch.randn(n_scenes, text_len, text_dim, generator=g)
+    encoder = torch.randn(64, channels * latent_hw[0] * latent_hw[1], generator=g)
+    schedule = _scene_schedule(blocks, n_scenes, seed)
+    noise = torch.randn(batch, channels, cfg.frames_per_block * blocks, *latent_hw, generator=g)
+    contexts = [
+        (scene_ctx[schedule[i]] + 0.05 * torch.randn(text_len, text_dim, generator=g))
+        .expand(batch, -1, -1).to(dev, dtype)
+        for i in range(blocks)
+    ]  # fmt: skip
+    timesteps = tuple(1000.0 * (1 - i / steps) for i in range(steps))
+
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    seen: list[torch.Tensor] = []
+    window: dict = {}
+
+    def on_attention(layer: int, commit: bool) -> None:
+        if commit:
+            return
+        if not calls:  # first call of the block: what begin_block laid out
+            window["retrieved"] = cache.retrieved_frames()[0].tolist()  # ok: host (demo)
+            window["frames"] = int(cache.window_tokens[0]) // cfg.tokens_per_frame  # ok: host
+        st = cache.stats(layer)
+        calls.append((st.slot_idx.clone(), st.kept_idx.clone()))
+
+    def feature_fn(x0: torch.Tensor) -> torch.Tensor:
+        # Stand-in for a vision encoder, as in run_demo: a fixed projection of the
+        # block's latents, centred on the running mean.
+        pooled = x0.float().mean(dim=2).flatten(1).cpu()
+        seen.append(pooled)
+        centre = torch.stack(seen).mean(dim=0)
+        return ((pooled - centre) @ encoder.T).to(dev)
+
+    result = DemoResult(config=cfg.to_dict(), device=str(dev), backend=backend)
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=blocks, desc="dysink wan-tiny demo", unit="block", leave=False)
+        except ImportError:  # the progress bar is optional
+            bar = None
+
+    def record_block(i: int, x0: torch.Tensor, stored: torch.Tensor) -> None:
+        entropy = [
+            float(cache.stats(ly).attn.entropy.mean())  # ok: host (demo reporting)
+            for ly in range(layers)
+            if cache.stats(ly).attn is not None
+        ]
+        slots = [s for s, _ in calls]
+        kept = [k for _, k in calls]
+        retrieved = window.get("retrieved", [])
+        per_entry = []
+        for j, frame in enumerate(retrieved):
+            if frame >= 0:
+                drops = sum(int(k[0, j] < 0) for k in kept)
+                per_entry.append({"frame": frame, "kept_fraction": 1 - drops / max(len(kept), 1)})
+        record = {
+            "block": i,
+            "frame": i * cfg.frames_per_block,
+            "window_start": i * cfg.frames_per_block - window.get("frames", 0),
+            "scene": schedule[i],
+            "retrieved": [f for f in retrieved if f >= 0],
+            "entries": per_entry,
+            "gated": sum(int(((s[0] >= 0) & (k[0] < 0)).sum()) for s, k in zip(slots, kept)),
+            "gate_decisions": sum(int((s[0] >= 0).sum()) for s in slots),
+            "bank_size": int(cache.bank_size()[0]),  # ok: host (demo reporting)
+            "stored": bool(stored[0]),  # ok: host (demo reporting)
+            "mean_entropy": sum(entropy) / len(entropy) if entropy else None,
+        }
+        calls.clear()
+        window.clear()
+        result.blocks.append(record)
+        if on_block is not None:
+            on_block(record)
+        if bar is not None:
+            bar.update(1)
+
+    handle = enable_dysink(model, cache, on_attention=on_attention)
+    start = time.perf_counter()
+    try:
+        generate_video(
+            model, cache, noise.to(dev), lambda i: contexts[i], timesteps, generator=g,
+            feature_fn=feature_fn if feature == "external" else None, on_block=record_block,
+        )  # fmt: skip
+    finally:
+        handle.remove()
     result.seconds = time.perf_counter() - start
     if bar is not None:
         bar.close()
