@@ -21,8 +21,11 @@ class FrameBank:
 
     All state is tensors on ``device``; nothing here reads values on the host.
 
+    With ``storage_device="cpu"`` and a CUDA ``device`` the K/V are pinned host memory
+    (the per-block path reads only the retrieved slots, staged by ``offload.py``).
+
     Attributes:
-        k, v: ``(num_layers, P, entry_tokens, H, D)`` in ``dtype``.
+        k, v: ``(num_layers, P, entry_tokens, H, D)`` in ``dtype``, on ``storage_device``.
         mean_k: ``(num_layers, P, H, D)`` fp32 per-slot mean key of each layer.
         feature: ``(P, F)`` fp32 L2-normalised features (``None`` until ``F`` is known).
         owner: ``(P,)`` int32 owning sample, ``-1`` = free.
@@ -43,6 +46,7 @@ class FrameBank:
         device: torch.device | str | None = None,
         max_entries: int | None = None,
         feature_dim: int | None = None,
+        storage_device: torch.device | str | None = None,
     ) -> None:
         if slots_per_sample < 0:
             raise ValueError(f"slots_per_sample must be >= 0, got {slots_per_sample}")
@@ -53,10 +57,16 @@ class FrameBank:
         self.limit = slots_per_sample if max_entries is None else min(max_entries, slots_per_sample)
         self.entry_tokens = entry_tokens
         self.device = canonical_device(device)
+        # K/V may live elsewhere (pinned host memory, see offload.py); everything the
+        # per-block decisions read stays on the compute device.
+        self.storage_device = (
+            self.device if storage_device is None else canonical_device(storage_device)
+        )
+        pin = self.storage_device.type == "cpu" and self.device.type == "cuda"
         P = batch_size * slots_per_sample
         shape = (num_layers, P, entry_tokens, num_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.v = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.k = torch.zeros(shape, dtype=dtype, device=self.storage_device, pin_memory=pin)
+        self.v = torch.zeros(shape, dtype=dtype, device=self.storage_device, pin_memory=pin)
         self.mean_k = torch.zeros(
             num_layers, P, num_heads, head_dim, dtype=torch.float32, device=self.device
         )

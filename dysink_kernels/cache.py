@@ -146,6 +146,12 @@ class DySinkCache:
         parallel: head parallelism (:class:`dysink_kernels.distributed.HeadParallel`):
             this cache then holds one rank's heads (``config.num_heads`` is the local
             count) and sums gate votes and ``mean_key`` features across ranks.
+        bank_device: where the bank's K/V live (default: ``device``). ``"cpu"`` with a
+            CUDA ``device`` keeps them in pinned host memory and stages only the
+            retrieved slots on the device, layer by layer, on a side stream
+            (``offload.py``); results equal the on-device bank's.
+        max_bank_bytes: bank budget in bytes of K/V (all samples); sets the slots per
+            sample instead of ``bank_slots``.
     """
 
     def __init__(
@@ -159,6 +165,8 @@ class DySinkCache:
         backend: str = "auto",
         feature_dim: int | None = None,
         parallel: HeadParallel | None = None,
+        bank_device: torch.device | str | None = None,
+        max_bank_bytes: int | None = None,
     ) -> None:
         if not isinstance(config, DySinkConfig):
             raise TypeError(f"config must be a DySinkConfig, got {type(config).__name__}")
@@ -166,6 +174,18 @@ class DySinkCache:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+        if max_bank_bytes is not None:
+            if bank_slots is not None:
+                raise ValueError("give bank_slots or max_bank_bytes, not both")
+            elem = torch.empty(0, dtype=dtype).element_size()
+            entry = 2 * config.num_layers * config.block_tokens * config.num_heads
+            entry *= config.head_dim * elem
+            bank_slots = int(max_bank_bytes) // (entry * batch_size)
+            if bank_slots < max(config.top_k, 1):
+                raise ValueError(
+                    f"max_bank_bytes={max_bank_bytes} holds {bank_slots} entries per sample "
+                    f"({entry} bytes each, batch {batch_size}); top_k={config.top_k} needs more"
+                )
         if bank_slots is None:
             bank_slots = config.max_entries or DEFAULT_BANK_SLOTS
         if isinstance(bank_slots, bool) or not isinstance(bank_slots, int) or bank_slots < 0:
@@ -198,7 +218,15 @@ class DySinkCache:
         self.bank = FrameBank(
             Ly, B, bank_slots, c.block_tokens, H, D,
             dtype=dtype, device=dev, max_entries=c.max_entries, feature_dim=feature_dim,
+            storage_device=bank_device,
         )  # fmt: skip
+        # An explicit bank_device selects the staged path even when it equals the
+        # compute device (CPU tensors stand in for host and device in the tests).
+        self.stager = None
+        if bank_device is not None and c.top_k > 0:
+            from .offload import SlotStager
+
+            self.stager = SlotStager(self.bank.k, self.bank.v, B * c.top_k, dev)
         self.recent_feat: torch.Tensor | None = None
         if feature_dim is not None:
             self._ensure_recent(feature_dim)
@@ -327,6 +355,8 @@ class DySinkCache:
 
         if c.top_k > 0:
             self._prepare_slots(cur)
+            if self.stager is not None:
+                self.stager.prefetch(self.slot_idx)
         self.entropy_drop.fill_(False)
 
         frames = cur + torch.arange(fpb, device=dev)
@@ -372,8 +402,14 @@ class DySinkCache:
             ranges[:, 0, 1] *= sink_kept.to(ranges.dtype)
 
         relative = c.sink_rope == "relative" and not commit and c.top_k > 0
+        pool_k, pool_v, attend_slots = self.bank.k[layer], self.bank.v[layer], kept
+        if self.stager is not None:  # the retrieved slots were staged at _rot_slots' places
+            self.stager.wait(layer)
+            pool_k, pool_v = self.stager.k[layer], self.stager.v[layer]
+            if not commit:
+                attend_slots = torch.where(kept >= 0, self._rot_slots, -1)
         out, attn_stats = gathered_attention(
-            q, self.bank.k[layer], self.bank.v[layer], kept,
+            q, pool_k, pool_v, attend_slots,
             self.local_k[layer], self.local_v[layer], ranges, k, v,
             softmax_scale=c.softmax_scale, return_stats=c.stats,
             slot_delta=self.slot_delta if relative else None, rope_theta=c.rope_theta,
@@ -651,4 +687,5 @@ class DySinkCache:
             bank_slots=self.bank.slots_per_sample, backend=self.backend,
             feature_dim=None if self.bank.feature is None else self.bank.feature.shape[1],
             parallel=self.parallel,
+            bank_device=None if self.stager is None else self.bank.storage_device,
         )  # fmt: skip
