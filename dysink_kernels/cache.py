@@ -39,6 +39,17 @@ DEFAULT_BANK_SLOTS = 32
 _N_RANGES = 3  # sinks, window part before the ring wraps, window part after
 
 
+class _RecacheTarget:
+    """Where the attention calls of one recache forward write: bank slots, or the
+    frames of one window block (all samples)."""
+
+    def __init__(self, slots=None, window_frames=None, window_first=0) -> None:
+        self.slots: list[int] | None = slots
+        self.window_frames: list[int] = window_frames or []
+        self.window_first = window_first
+        self.layers: set[int] = set()
+
+
 class _FeatureHealth:
     """Reports non-finite block features to the host without a synchronisation.
 
@@ -152,6 +163,10 @@ class DySinkCache:
             (``offload.py``); results equal the on-device bank's.
         max_bank_bytes: bank budget in bytes of K/V (all samples); sets the slots per
             sample instead of ``bank_slots``.
+        store_latents: keep each stored block's clean latent (per bank slot and per
+            window block; ``end_block(latent=...)``) so that :meth:`recache` can
+            recompute their K/V under a new prompt. Costs one block latent per slot and
+            per window block (e.g. 3 x 16 x 60 x 104 bf16 = 0.6 MB for Wan2.1 at 480p).
     """
 
     def __init__(
@@ -167,6 +182,7 @@ class DySinkCache:
         parallel: HeadParallel | None = None,
         bank_device: torch.device | str | None = None,
         max_bank_bytes: int | None = None,
+        store_latents: bool = False,
     ) -> None:
         if not isinstance(config, DySinkConfig):
             raise TypeError(f"config must be a DySinkConfig, got {type(config).__name__}")
@@ -259,6 +275,13 @@ class DySinkCache:
         # Non-finite features are rejected on the device; the host learns of it
         # without waiting (see _FeatureHealth).
         self._health = _FeatureHealth(B, dev)
+
+        # Latents for recache (allocated at the first end_block, once their shape is known).
+        self.store_latents = bool(store_latents)
+        self.bank_latent: torch.Tensor | None = None  # (P, fpb, ...)
+        self.window_latent: torch.Tensor | None = None  # (B, n_window_blocks, fpb, ...)
+        self._window_blocks = -(-R // c.frames_per_block) + 1 + c.sink_frames // c.frames_per_block
+        self._recache: _RecacheTarget | None = None
 
         # Host bookkeeping (no device values).
         self.block = 0
@@ -379,6 +402,8 @@ class DySinkCache:
         commit: bool = False,
     ) -> torch.Tensor:
         """One attention call of ``layer`` for the current block (see :class:`SinkAttention`)."""
+        if self._recache is not None:
+            return self._recache_attend(layer, q, k, v)
         if not self._in_block:
             raise RuntimeError("attention called outside a block: call cache.begin_block() first")
         self._check_qkv(layer, q, k, v)
@@ -544,12 +569,16 @@ class DySinkCache:
         return self._anomaly[layer]
 
     @torch.no_grad()
-    def end_block(self, feature: torch.Tensor | None = None) -> torch.Tensor:
+    def end_block(
+        self, feature: torch.Tensor | None = None, latent: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Store the finished block in the bank (dedup and eviction on the device).
 
         Args:
             feature: ``(B, F)`` block features when ``config.feature == "external"``;
                 must be ``None`` for ``"mean_key"``.
+            latent: ``(B, frames_per_block, ...)`` the block's clean latent; required
+                with ``store_latents=True`` (kept for :meth:`recache`), else ``None``.
 
         Returns:
             ``(B,)`` bool device tensor: whether each sample's block was stored.
@@ -577,13 +606,16 @@ class DySinkCache:
             if feature is not None:
                 raise ValueError('feature must be None when config.feature == "mean_key"')
             feat = self.block_mean_key()
+        self._check_latent(latent)
         self._ensure_recent(feat.shape[1])
 
-        stored, _ = self.bank.insert(
+        stored, slot = self.bank.insert(
             self.local_k, self.local_v, self.write_pos, feat, self.frame_dev, c.dedup,
             backend=self.backend,
         )  # fmt: skip
         self.last_stored.copy_(stored)
+        if self.store_latents:
+            self._keep_latent(latent, stored, slot)
         finite = torch.isfinite(feat).all(dim=1)
         row = self.block % c.query_blocks
         self.recent_feat[:, row] = torch.where(finite[:, None], F.normalize(feat, dim=-1), 0.0)
@@ -594,6 +626,149 @@ class DySinkCache:
         self._in_block = False
         self._health.raise_if_reported()
         return stored
+
+    # ------------------------------------------------------------------ recache
+    def _check_latent(self, latent: torch.Tensor | None) -> None:
+        if not self.store_latents:
+            if latent is not None:
+                raise ValueError("end_block got a latent but the cache has store_latents=False")
+            return
+        if latent is None:
+            raise ValueError("end_block needs latent=(B, frames_per_block, ...) with store_latents")
+        check_tensor(latent, "latent", latent.dim(), None, self.device)
+        fpb = self.config.frames_per_block
+        if latent.dim() < 2 or latent.shape[0] != self.batch_size or latent.shape[1] != fpb:
+            raise ValueError(
+                f"latent must be (B={self.batch_size}, frames_per_block={fpb}, ...), got "
+                f"{tuple(latent.shape)}"
+            )
+        if self.window_latent is not None and latent.shape[2:] != self.window_latent.shape[3:]:
+            raise ValueError(
+                f"latent frames are {tuple(latent.shape[2:])}, earlier blocks were "
+                f"{tuple(self.window_latent.shape[3:])}"
+            )
+
+    def _keep_latent(self, latent: torch.Tensor, stored: torch.Tensor, slot: torch.Tensor) -> None:
+        if self.window_latent is None:
+            rest = latent.shape[1:]
+            self.window_latent = latent.new_zeros(self.batch_size, self._window_blocks, *rest)
+            self.bank_latent = latent.new_zeros(self.bank.num_slots, *rest)
+        self.window_latent[:, self._latent_row(self.block)] = latent
+        if self.bank.num_slots:
+            keep = stored.view(-1, *([1] * (latent.dim() - 1)))
+            old = self.bank_latent.index_select(0, slot)
+            self.bank_latent.index_copy_(0, slot, torch.where(keep, latent, old))
+
+    def _latent_row(self, block: int) -> int:
+        """Row of ``window_latent`` that holds ``block``: sink blocks keep their own rows,
+        later blocks share a ring of rows (enough for every block the window holds)."""
+        n_sink = self.config.sink_frames // self.config.frames_per_block
+        if block < n_sink:
+            return block
+        return n_sink + (block - n_sink) % (self._window_blocks - n_sink)
+
+    def _held_frames(self) -> list[int]:
+        """Frames whose K/V the local buffer holds (sinks and the ring), known on the host."""
+        c = self.config
+        done = self.block * c.frames_per_block
+        ring = range(max(c.sink_frames, done - c.ring_frames), done)
+        return [*range(min(c.sink_frames, done)), *ring]
+
+    def _frame_slot(self, frame: int) -> int:
+        c = self.config
+        s = c.sink_frames
+        return frame if frame < s else s + (frame - s) % c.ring_frames
+
+    @torch.no_grad()
+    def recache(self, run_block, batch: int = 1) -> int:
+        """Recompute stored K/V under a new prompt (interactive prompt switches).
+
+        For every stored block -- bank slots of every sample in frame order (``batch``
+        of them per call), then the window's blocks in frame order (all samples in one
+        call) -- calls ``run_block(latent, first_frame)``: the caller's clean forward at
+        t = 0 under the new prompt, whose attention calls (``attn(q, k, v, cache=cache,
+        layer=l, ...)``) each attend the block's own keys and overwrite that block's
+        K/V in place (slot or window position) instead of appending. Mean keys and
+        window key sums follow; features, frames, ownership and counters do not change.
+        ``latent`` is ``(n, frames_per_block, ...)``; ``first_frame`` is an int when all
+        rows share it (one slot, or a window block of every sample) and a list of ints,
+        one per row, when ``batch > 1`` slots are recached together.
+
+        Reads the bank's occupancy once on the host (a prompt switch is rare); nothing
+        inside a block's recache synchronises. Returns the number of blocks recached.
+        """
+        if self._in_block:
+            raise RuntimeError("recache between blocks: call end_block first")
+        if not self.store_latents:
+            raise RuntimeError(
+                "recache needs the blocks' latents: build the cache with store_latents=True "
+                "and pass end_block(latent=...)"
+            )
+        if self.window_latent is None:
+            return 0
+        c = self.config
+        owner = self.bank.owner.tolist()  # ok: host (once per prompt switch)
+        frames = self.bank.frame.tolist()  # ok: host (once per prompt switch)
+        slots = sorted((frames[p], p) for p in range(len(owner)) if owner[p] >= 0)
+        count = 0
+        for i in range(0, len(slots), max(1, batch)):
+            group = slots[i : i + max(1, batch)]
+            ids = [p for _, p in group]
+            idx = torch.tensor(ids, device=self.device)
+            latent = self.bank_latent.index_select(0, idx)
+            self._run_recache(run_block, latent, [f for f, _ in group],
+                              _RecacheTarget(slots=ids))  # fmt: skip
+            count += len(group)
+        fpb = c.frames_per_block
+        held = self._held_frames()
+        for first in sorted({f // fpb * fpb for f in held}):
+            latent = self.window_latent[:, self._latent_row(first // fpb)]
+            frames_held = [f for f in range(first, first + fpb) if f in held]
+            target = _RecacheTarget(window_frames=frames_held, window_first=first)
+            self._run_recache(run_block, latent, [first], target)
+            count += 1
+        return count
+
+    def _run_recache(self, run_block, latent, first_frames, target) -> None:
+        self._recache = target
+        try:
+            run_block(latent, first_frames[0] if len(first_frames) == 1 else first_frames)
+        finally:
+            self._recache = None
+        missing = sorted(set(range(self.config.num_layers)) - target.layers)
+        if missing:
+            raise RuntimeError(f"recache: run_block made no attention call for layers {missing}")
+
+    def _recache_attend(self, layer, q, k, v) -> torch.Tensor:
+        c = self.config
+        t = self._recache
+        if layer in t.layers:
+            raise RuntimeError(f"recache: layer {layer} was called twice for one block")
+        if k.shape[1] != c.block_tokens:
+            raise ValueError(f"recache: k must hold one block ({c.block_tokens} tokens)")
+        n = k.shape[0]
+        none = torch.full((n, 0), -1, dtype=torch.int32, device=k.device)
+        empty = torch.zeros(n, 1, 2, dtype=torch.int32, device=k.device)
+        out, _ = gathered_attention(
+            q, self.bank.k[layer], self.bank.v[layer], none, k, v, empty, k, v,
+            softmax_scale=c.softmax_scale, backend=self.backend,
+        )  # fmt: skip
+        T = c.tokens_per_frame
+        if t.slots is not None:
+            for i, p in enumerate(t.slots):
+                self.bank.k[layer, p].copy_(k[i], non_blocking=True)
+                self.bank.v[layer, p].copy_(v[i], non_blocking=True)
+                self.bank.mean_k[layer, p] = k[i].float().mean(dim=0)
+        else:
+            for f in t.window_frames:
+                i = f - t.window_first
+                pos = self._frame_slot(f)
+                rows = slice(pos * T, (pos + 1) * T)
+                self.local_k[layer][:, rows] = k[:, i * T : (i + 1) * T]
+                self.local_v[layer][:, rows] = v[:, i * T : (i + 1) * T]
+                self.frame_ksum[layer][:, pos] = k[:, i * T : (i + 1) * T].float().sum(dim=1)
+        t.layers.add(layer)
+        return out
 
     def block_mean_key(self) -> torch.Tensor:
         """``(B, H*D)`` L2-normalised mean keys of ``feature_layer`` over the committed block."""

@@ -148,9 +148,12 @@ class ReferencePipeline:
         m = ks.double().mean(1).flatten(1)
         return m / m.norm(dim=-1, keepdim=True)
 
-    def end_block(self, feature=None):
+    def end_block(self, feature=None, latent=None):
         c = self.cfg
         cur, T = self.cur, c.tokens_per_frame
+        if latent is not None:
+            self.latents = getattr(self, "latents", {})
+            self.latents[cur] = latent.clone()
         feats = self.block_mean_key() if feature is None else feature.double()
         feats = feats / feats.norm(dim=-1, keepdim=True)
         for b in range(self.B):
@@ -165,6 +168,7 @@ class ReferencePipeline:
                 {
                     "frame": cur,
                     "feature": f,
+                    "latent": None if latent is None else latent[b : b + 1].clone(),
                     "k": [
                         torch.cat([self.frames_k[ly][fr][b] for fr in frames])
                         for ly in range(c.num_layers)
@@ -180,3 +184,40 @@ class ReferencePipeline:
         self.recent.append(feats)
         self.block += 1
         del T
+
+    # ------------------------------------------------------------- prompt switch
+    def recache(self, run_block):
+        """Recompute stored K/V with ``run_block(latent, first_frame, attend)``, where each
+        block attends only itself (the published recache), explicitly."""
+        c = self.cfg
+        T, fpb = c.tokens_per_frame, c.frames_per_block
+
+        def self_attend(store):
+            def attend(layer, q, k, v, commit):
+                store[layer] = (k.clone(), v.clone())
+                p = torch.softmax(
+                    torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / q.shape[-1] ** 0.5,
+                    dim=-1,
+                )
+                return torch.einsum("bhqk,bkhd->bqhd", p, v.double()).to(q.dtype)
+
+            return attend
+
+        for bank in self.banks:
+            for e in bank:
+                store = {}
+                run_block(e["latent"], e["frame"], self_attend(store))
+                e["k"] = [store[ly][0][0] for ly in range(c.num_layers)]
+                e["v"] = [store[ly][1][0] for ly in range(c.num_layers)]
+        done = self.block * fpb
+        held = set(range(min(c.sink_frames, done)))
+        held |= set(range(max(c.sink_frames, done - c.ring_frames), done))
+        for first in sorted({f // fpb * fpb for f in held}):
+            store = {}
+            run_block(self.latents[first], first, self_attend(store))
+            for f in range(first, first + fpb):
+                if f in held:
+                    i = f - first
+                    for ly in range(c.num_layers):
+                        self.frames_k[ly][f] = store[ly][0][:, i * T : (i + 1) * T].clone()
+                        self.frames_v[ly][f] = store[ly][1][:, i * T : (i + 1) * T].clone()
