@@ -1,0 +1,34 @@
+// C++ CPU implementations of the dysink_C ops (cpu_ops.cpp). Inputs are checked by
+// bindings.cpp (ranks, sizes, dtypes, one device); semantics are those of the
+// naive.py oracles.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace dysink {
+
+std::tuple<at::Tensor, at::Tensor> select_sinks_cpu(
+    const at::Tensor& query_feat, const at::Tensor& slot_feat, const at::Tensor& slot_owner,
+    const at::Tensor& slot_frame, int64_t k, const at::Tensor& exclude_lo,
+    const at::Tensor& exclude_hi, int64_t sink_frames);
+
+std::tuple<at::Tensor, at::Tensor> gate_from_means_cpu(
+    const at::Tensor& qbar, const at::Tensor& kbar_local, const at::Tensor& slot_mean_k,
+    const at::Tensor& slot_idx, double tau, bool batch_scope);
+
+std::tuple<at::Tensor, at::Tensor> sink_gate_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& slot_mean_k,
+    const at::Tensor& slot_idx, const at::Tensor& k_len, double tau, bool batch_scope);
+
+std::tuple<at::Tensor, at::Tensor> bank_insert_cpu(
+    const at::Tensor& pool_k, const at::Tensor& pool_v, const at::Tensor& pool_mean_k,
+    const at::Tensor& slot_feat, const at::Tensor& slot_owner, const at::Tensor& slot_frame,
+    const at::Tensor& slot_stamp, const at::Tensor& clock, const at::Tensor& src_k,
+    const at::Tensor& src_v, const at::Tensor& src_pos, const at::Tensor& feature,
+    const at::Tensor& frame, int64_t slots_per_sample, int64_t limit,
+    std::optional<double> dedup);
+
+}  // namespace dysink
