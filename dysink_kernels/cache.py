@@ -43,8 +43,9 @@ class _RecacheTarget:
     """Where the attention calls of one recache forward write: bank slots, or the
     frames of one window block (all samples)."""
 
-    def __init__(self, slots=None, window_frames=None, window_first=0) -> None:
+    def __init__(self, slots=None, window_frames=None, window_first=0, samples=None) -> None:
         self.slots: list[int] | None = slots
+        self.samples: list[int] = samples or []
         self.window_frames: list[int] = window_frames or []
         self.window_first = window_first
         self.layers: set[int] = set()
@@ -716,18 +717,26 @@ class DySinkCache:
             ids = [p for _, p in group]
             idx = torch.tensor(ids, device=self.device)
             latent = self.bank_latent.index_select(0, idx)
-            self._run_recache(run_block, latent, [f for f, _ in group],
-                              _RecacheTarget(slots=ids))  # fmt: skip
+            target = _RecacheTarget(slots=ids, samples=[owner[p] for p in ids])
+            self._run_recache(run_block, latent, [f for f, _ in group], target)
             count += len(group)
         fpb = c.frames_per_block
         held = self._held_frames()
         for first in sorted({f // fpb * fpb for f in held}):
             latent = self.window_latent[:, self._latent_row(first // fpb)]
             frames_held = [f for f in range(first, first + fpb) if f in held]
-            target = _RecacheTarget(window_frames=frames_held, window_first=first)
+            target = _RecacheTarget(
+                window_frames=frames_held, window_first=first, samples=list(range(self.batch_size))
+            )
             self._run_recache(run_block, latent, [first], target)
             count += 1
         return count
+
+    @property
+    def recache_samples(self) -> list[int] | None:
+        """During a ``recache`` call: the sample each row of the latent belongs to
+        (to pick per-sample prompts); ``None`` otherwise."""
+        return None if self._recache is None else list(self._recache.samples)
 
     def _run_recache(self, run_block, latent, first_frames, target) -> None:
         self._recache = target

@@ -39,6 +39,7 @@ __all__ = [
     "dysink_config_for",
     "enable_dysink",
     "generate_video",
+    "switch_prompt",
     "wan_tokens_per_frame",
 ]
 
@@ -131,7 +132,7 @@ def _rotate_adjacent(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 def _shift_tables(
-    cos: torch.Tensor, sin: torch.Tensor, delta: int
+    cos: torch.Tensor, sin: torch.Tensor, delta: int | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tables of a temporal position ``+delta``: the unit vectors ``(cos, sin)`` of each
     pair turned by ``rotate_temporal``, so applying them once equals RoPE at the offset."""
@@ -218,6 +219,8 @@ class DySinkWanHandle:
         self.processors: list[DySinkWanAttnProcessor] = []
         self._tables_key: tuple | None = None
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        # First frame(s) of the latent being recached (switch_prompt); None = cache.frame.
+        self.frame_override: int | list[int] | None = None
 
     @property
     def active(self) -> bool:
@@ -241,7 +244,10 @@ class DySinkWanHandle:
         """RoPE tables shifted to the block's first frame; computed once per forward pass
         (every block receives the same ``rotary_emb`` tensors)."""
         cos, sin = rotary_emb
-        delta = self.cache.frame
+        delta = self.cache.frame if self.frame_override is None else self.frame_override
+        if isinstance(delta, list):  # one first frame per row: (n, S, 1, D) tables
+            shift = torch.tensor(delta, dtype=torch.float64, device=cos.device)[:, None]
+            return _shift_tables(cos, sin, shift)
         if delta == 0:
             return cos, sin
         cached = self._tables_key
@@ -322,6 +328,69 @@ def _randn_like(
     if len(generator) != x.shape[0]:
         raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
     return torch.cat([_randn_like(x[i : i + 1], g) for i, g in enumerate(generator)])
+
+
+def _to_cache_latent(x: torch.Tensor, frames_per_block: int) -> torch.Tensor:
+    """``(B, C, F, H, W)`` -> ``(B, frames_per_block, F // frames_per_block, C, H, W)``."""
+    return x.transpose(1, 2).unflatten(1, (frames_per_block, -1))
+
+
+def _from_cache_latent(latent: torch.Tensor) -> torch.Tensor:
+    return latent.flatten(1, 2).transpose(1, 2)
+
+
+@torch.no_grad()
+def switch_prompt(
+    transformer: Any,
+    cache: DySinkCache,
+    encoder_hidden_states: torch.Tensor,
+    *,
+    batch: int = 1,
+    encoder_hidden_states_image: torch.Tensor | None = None,
+) -> int:
+    """Switch to a new prompt mid-video: recompute every stored block's K/V under it.
+
+    Runs ``cache.recache`` with the model's clean pass (t = 0) on each stored block's
+    latent at its own frames (the cache must be built with ``store_latents=True`` and
+    filled by ``generate_video``, which then passes each block's latent). Features,
+    retrieval state and counters are unchanged. ``encoder_hidden_states`` is the new
+    ``(B, L, text_dim)`` prompt, one row per sample; ``batch`` slots are recached per
+    forward. Returns the number of blocks recached.
+    """
+    handle = _installed_handle(transformer)
+    owned = handle is None
+    if owned:
+        handle = enable_dysink(transformer, cache)
+    elif handle.cache is not cache:
+        raise ValueError("the transformer has DySink enabled with another cache")
+    if encoder_hidden_states.shape[0] != cache.batch_size:
+        raise ValueError(
+            f"encoder_hidden_states.shape[0] must be the batch size {cache.batch_size}, "
+            f"got {encoder_hidden_states.shape[0]}"
+        )
+    dtype = next(transformer.parameters()).dtype
+
+    def run_block(latent: torch.Tensor, first_frame: int | list[int]) -> None:
+        rows = cache.recache_samples
+        x = _from_cache_latent(latent).to(dtype)
+        image = encoder_hidden_states_image
+        handle.frame_override = first_frame
+        try:
+            with handle.clean_pass():
+                transformer(
+                    hidden_states=x, timestep=torch.zeros(x.shape[0], device=x.device),
+                    encoder_hidden_states=encoder_hidden_states[rows],
+                    encoder_hidden_states_image=None if image is None else image[rows],
+                    return_dict=False,
+                )  # fmt: skip
+        finally:
+            handle.frame_override = None
+
+    try:
+        return cache.recache(run_block, batch=batch)
+    finally:
+        if owned:
+            handle.remove()
 
 
 @torch.no_grad()
@@ -427,7 +496,8 @@ def generate_video(
                 predict_x0(x0, 0.0, context)
             out[:, :, frames] = x0.to(out.dtype)
             feature = feature_fn(x0) if c.feature == "external" else None
-            stored = cache.end_block(feature)
+            latent = _to_cache_latent(x0, c.frames_per_block) if cache.store_latents else None
+            stored = cache.end_block(feature, latent=latent)
             if on_block is not None:
                 on_block(i, x0, stored)
     finally:
