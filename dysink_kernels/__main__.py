@@ -1,4 +1,4 @@
-"""Command line: ``python -m dysink_kernels {demo,kernels,rope-diagnostic,info}``."""
+"""Command line: ``python -m dysink_kernels {demo,kernels,rope-diagnostic,info,bench}``."""
 
 from __future__ import annotations
 
@@ -22,18 +22,26 @@ def _write(line: str) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import format_block, run_demo, write_outputs
+    from .demo import format_block, run_demo, run_wan_demo, write_outputs
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    if args.threads:
+        # The demo's ops are tiny: on a busy small CPU one thread avoids stalls.
+        torch.set_num_threads(args.threads)
+    switch_at = tuple(int(b) for b in args.switch_at.split(",") if b.strip())
+    if args.feature is None:
+        args.feature = "mean_key" if args.model == "wan-tiny" else "external"
     print(
-        f"dysink demo: {args.blocks} blocks, {args.layers} layers, batch {args.batch}, "
-        f"device {args.device}, backend {args.backend}, feature {args.feature}, seed {args.seed}"
+        f"dysink demo ({args.model}): {args.blocks} blocks, {args.layers} layers, "
+        f"batch {args.batch}, device {args.device}, backend {args.backend}, "
+        f"feature {args.feature}, seed {args.seed}"
     )
-    result = run_demo(
+    run = run_wan_demo if args.model == "wan-tiny" else run_demo
+    result = run(
         blocks=args.blocks, layers=args.layers, batch=args.batch, device=args.device,
         backend=args.backend, seed=args.seed, feature=args.feature, steps=args.steps,
         top_k=args.top_k, sink_frames=args.sink_frames, local_frames=args.local_frames,
-        tau=args.tau, dtype=dtype, progress=not args.no_progress,
+        tau=args.tau, dtype=dtype, progress=not args.no_progress, switch_at=switch_at,
         on_block=lambda r: _write(format_block(r)),
     )  # fmt: skip
     summary, png = write_outputs(result, args.out)
@@ -66,6 +74,9 @@ def info() -> dict:
         out["triton"] = triton.__version__
     except ImportError:
         out["triton"] = None
+    from ._cuda import build_info
+
+    out["extension"] = build_info()
     devices = ["cpu"]
     if torch.cuda.is_available():
         out["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -104,6 +115,18 @@ def _cmd_kernels(args: argparse.Namespace) -> int:
     return 1 if failures and args.strict else 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import SUITES, main
+
+    suites = [s.strip() for s in args.suites.split(",") if s.strip()]
+    unknown = sorted(set(suites) - set(SUITES))
+    if unknown:
+        print(f"unknown suites {unknown}; choose from {','.join(SUITES)}", file=sys.stderr)
+        return 2
+    main(args.out, quick=args.quick, device=args.device, suites=suites)
+    return 0
+
+
 def _cmd_rope_diagnostic(args: argparse.Namespace) -> int:
     from .diagnostics import plot_rope_diagnostic, rope_diagnostic
 
@@ -138,13 +161,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="cpu")
     d.add_argument("--backend", default="auto")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--feature", choices=["external", "mean_key"], default="external")
+    d.add_argument(
+        "--model", choices=["tiny", "wan-tiny"], default="tiny",
+        help="tiny: models.TinyVideoDiT; wan-tiny: a random-weight diffusers "
+        "WanTransformer3DModel through integrations.diffusers_wan (needs diffusers)",
+    )  # fmt: skip
+    d.add_argument(
+        "--feature", choices=["external", "mean_key"], default=None,
+        help="default: external for tiny, mean_key for wan-tiny",
+    )  # fmt: skip
     d.add_argument("--steps", type=int, default=4, help="denoising steps per block")
     d.add_argument("--top-k", type=int, default=2)
     d.add_argument("--sink-frames", type=int, default=0)
     d.add_argument("--local-frames", type=int, default=9)
     d.add_argument("--tau", type=float, default=0.8)
     d.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    d.add_argument(
+        "--switch-at", default="",
+        help="comma-separated blocks before which the prompt changes (the cache recaches)",
+    )  # fmt: skip
+    d.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     d.add_argument("--out", default="demo_out", help="folder for summary.json and timeline.png")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=_cmd_demo)
@@ -167,6 +203,21 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="versions, devices and available backends")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=_cmd_info)
+
+    b = sub.add_parser(
+        "bench", help="benchmarks (attention, per-block vs reference_style, scaling, small ops)"
+    )
+    b.add_argument(
+        "--out", default="bench_out", help="folder for results.csv/json, summary.md, bench.png"
+    )
+    b.add_argument("--quick", action="store_true", help="fewer rounds and points (CPU: < 1 min)")
+    b.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    b.add_argument(
+        "--suites",
+        default="attention,pipeline,scaling,small_ops,memory",
+        help="comma-separated subset of attention,pipeline,scaling,small_ops,memory",
+    )
+    b.set_defaults(fn=_cmd_bench)
     return p
 
 

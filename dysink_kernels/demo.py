@@ -68,8 +68,13 @@ def run_demo(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
     on_block=None,
+    switch_at: tuple[int, ...] = (),
 ) -> DemoResult:
-    """Run the demo loop and return per-block records (see ``DemoResult``)."""
+    """Run the demo loop and return per-block records (see ``DemoResult``).
+
+    ``switch_at``: blocks before which the "prompt" (a style added to every scene's
+    conditioning) changes; the cache then recaches every stored block under it.
+    """
     dev = torch.device(device)
     cfg = DySinkConfig(
         num_layers=layers, num_heads=heads, head_dim=head_dim,
@@ -78,7 +83,10 @@ def run_demo(
     )  # fmt: skip
     torch.manual_seed(seed)
     model = TinyVideoDiT(layers, heads, head_dim, grid_hw).to(dev, dtype)
-    cache = DySinkCache(cfg, batch_size=batch, device=dev, dtype=dtype, backend=backend)
+    cache = DySinkCache(
+        cfg, batch_size=batch, device=dev, dtype=dtype, backend=backend,
+        store_latents=bool(switch_at),
+    )  # fmt: skip
     attn = SinkAttention(cfg)
     g = torch.Generator().manual_seed(seed + 1)
     n_scenes = 4
@@ -86,6 +94,8 @@ def run_demo(
     encoder = torch.randn(64, model.tokens_per_frame * model.latent_channels, generator=g)
     schedule = _scene_schedule(blocks, n_scenes, seed)
     timesteps = tuple(1.0 - i / steps for i in range(steps))
+    styles = 0.5 * torch.randn(len(switch_at) + 1, 8, generator=g)
+    prompt = 0
 
     calls: list[tuple[torch.Tensor, torch.Tensor]] = []
     seen: list[torch.Tensor] = []
@@ -109,11 +119,22 @@ def run_demo(
     start = time.perf_counter()
     for i in range(blocks):
         calls.clear()
+        recached = None
+        if i in switch_at:
+            prompt += 1
+
+            def recache_block(lat, first, style=styles[prompt]):
+                scene = scene_cond[schedule[first // cfg.frames_per_block]] + style
+                cond_r = scene.expand(lat.shape[0], 8).to(dev, dtype)
+                model(lat, 0.0, cond_r, first, attend, True)
+
+            recached = cache.recache(recache_block)
         cache.begin_block()
         retrieved = cache.retrieved_frames()[0].tolist()  # ok: host (demo reporting)
         window_frames = int(cache.window_tokens[0]) // cfg.tokens_per_frame  # ok: host (demo)
         noise = torch.randn(batch, cfg.frames_per_block, model.tokens_per_frame, 4, generator=g)
-        cond = (scene_cond[schedule[i]] + 0.05 * torch.randn(8, generator=g)).expand(batch, 8)
+        cond = scene_cond[schedule[i]] + styles[prompt] + 0.05 * torch.randn(8, generator=g)
+        cond = cond.expand(batch, 8)
         x0 = generate_block(
             model, noise.to(dev, dtype), cond.to(dev, dtype), cache.frame, attend, timesteps,
             generator=g,
@@ -131,7 +152,8 @@ def run_demo(
             for ly in range(layers)
             if cache.stats(ly).attn is not None
         ]
-        stored = bool(cache.end_block(feat)[0])  # ok: host (demo reporting)
+        latent = x0 if switch_at else None
+        stored = bool(cache.end_block(feat, latent=latent)[0])  # ok: host (demo reporting)
         slots = [s for s, _ in calls]
         kept = [k for _, k in calls]
         listed = sum(int((s[0] >= 0).sum()) for s in slots)
@@ -154,6 +176,7 @@ def run_demo(
             "bank_size": int(cache.bank_size()[0]),  # ok: host (demo reporting)
             "stored": stored,
             "mean_entropy": sum(entropy) / len(entropy) if entropy else None,
+            "recached": recached,
         }
         result.blocks.append(record)
         if on_block is not None:
@@ -185,6 +208,7 @@ def run_wan_demo(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
     on_block=None,
+    switch_at: tuple[int, ...] = (),
 ) -> DemoResult:
     """The demo on a random-weight diffusers ``WanTransformer3DModel`` (nothing downloaded).
 
@@ -194,7 +218,12 @@ def run_wan_demo(
     """
     from diffusers import WanTransformer3DModel
 
-    from .integrations.diffusers_wan import dysink_config_for, enable_dysink, generate_video
+    from .integrations.diffusers_wan import (
+        dysink_config_for,
+        enable_dysink,
+        generate_video,
+        switch_prompt,
+    )
 
     dev = torch.device(device)
     text_dim, text_len, channels, n_scenes = 32, 8, 4, 4
@@ -211,14 +240,20 @@ def run_wan_demo(
         model, latent_hw, top_k=top_k, sink_frames=sink_frames, local_frames=local_frames,
         tau=tau, feature=feature,
     )  # fmt: skip
-    cache = DySinkCache(cfg, batch_size=batch, device=dev, dtype=dtype, backend=backend)
+    cache = DySinkCache(
+        cfg, batch_size=batch, device=dev, dtype=dtype, backend=backend,
+        store_latents=bool(switch_at),
+    )  # fmt: skip
     g = torch.Generator().manual_seed(seed + 1)
     scene_ctx = torch.randn(n_scenes, text_len, text_dim, generator=g)
+    styles = 0.5 * torch.randn(len(switch_at) + 1, text_len, text_dim, generator=g)
+    prompt_of = [sum(1 for s in switch_at if s <= i) for i in range(blocks)]
     encoder = torch.randn(64, channels * latent_hw[0] * latent_hw[1], generator=g)
     schedule = _scene_schedule(blocks, n_scenes, seed)
     noise = torch.randn(batch, channels, cfg.frames_per_block * blocks, *latent_hw, generator=g)
     contexts = [
-        (scene_ctx[schedule[i]] + 0.05 * torch.randn(text_len, text_dim, generator=g))
+        (scene_ctx[schedule[i]] + styles[prompt_of[i]]
+         + 0.05 * torch.randn(text_len, text_dim, generator=g))
         .expand(batch, -1, -1).to(dev, dtype)
         for i in range(blocks)
     ]  # fmt: skip
@@ -231,7 +266,7 @@ def run_wan_demo(
     def on_attention(layer: int, commit: bool) -> None:
         if commit:
             return
-        if not calls:  # first call of the block: what begin_block laid out
+        if not calls and "retrieved" not in window:  # first call: what begin_block laid out
             window["retrieved"] = cache.retrieved_frames()[0].tolist()  # ok: host (demo)
             window["frames"] = int(cache.window_tokens[0]) // cfg.tokens_per_frame  # ok: host
         st = cache.stats(layer)
@@ -281,6 +316,7 @@ def run_wan_demo(
             "bank_size": int(cache.bank_size()[0]),  # ok: host (demo reporting)
             "stored": bool(stored[0]),  # ok: host (demo reporting)
             "mean_entropy": sum(entropy) / len(entropy) if entropy else None,
+            "recached": window.get("recached"),
         }
         calls.clear()
         window.clear()
@@ -289,6 +325,8 @@ def run_wan_demo(
             on_block(record)
         if bar is not None:
             bar.update(1)
+        if i + 1 in switch_at:  # between blocks: the next block uses the new prompt
+            window["recached"] = switch_prompt(model, cache, contexts[i + 1])
 
     handle = enable_dysink(model, cache, on_attention=on_attention)
     start = time.perf_counter()
@@ -312,6 +350,7 @@ def format_block(r: dict) -> str:
         f"retrieved {r['retrieved']!s:12} | gated {r['gated']:2d}/{r['gate_decisions']:<3d} | "
         f"bank {r['bank_size']:3d} {'stored ' if r['stored'] else 'skipped'} | "
         f"entropy {ent} nats"
+        + ("" if not r.get("recached") else f" | new prompt: {r['recached']} blocks recached")
     )
 
 
@@ -359,6 +398,11 @@ def write_outputs(result: DemoResult, out_dir: str) -> tuple[str, str | None]:
     sc = plt.cm.ScalarMappable(cmap="RdYlGn", norm=plt.Normalize(0, 1))
     cax = ax0.inset_axes([1.01, 0.0, 0.015, 1.0])
     fig.colorbar(sc, cax=cax, label="kept fraction after the gate")
+    switches = [r["block"] for r in blocks if r.get("recached")]
+    for k, b in enumerate(switches):
+        for ax in (ax0, ax1, ax2):
+            label = "prompt switch (recache)" if ax is ax0 and k == 0 else None
+            ax.axvline(b - 0.5, color="tab:blue", lw=0.8, ls=":", label=label)
     ax0.set_ylabel("frame of retrieved entry")
     ax0.set_title("DySink demo: retrieved entries (dots, labelled with the scene they show)")
     ax0.legend(loc="upper left")

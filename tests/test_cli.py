@@ -34,3 +34,15 @@ def test_info_json(capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["torch"] and "gathered_attention" in data["backends"]
     assert "naive" in data["backends"]["gathered_attention"]["cpu"]
+
+
+def test_demo_prompt_switch(tmp_path, capsys):
+    rc = main(
+        ["demo", "--blocks", "8", "--layers", "2", "--switch-at", "4,6", "--out", str(tmp_path),
+         "--no-progress"]
+    )  # fmt: skip
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert out.count("new prompt:") == 2
+    blocks = json.loads((tmp_path / "summary.json").read_text())["blocks"]
+    assert [b["block"] for b in blocks if b["recached"]] == [4, 6]

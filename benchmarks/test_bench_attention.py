@@ -1,0 +1,38 @@
+"""One attention call per provider: gathered slots + window, and one contiguous KV of
+the same keys; the package's op (``ours`` = backend "auto", and each backend by name,
+with and without statistics), ``torch.cat`` + SDPA (on a GPU also forced to the flash
+and cuDNN backends) and flash-attn when installed. Each provider's output is checked
+against fp32 attention over the concatenated keys before it is timed."""
+
+from __future__ import annotations
+
+import pytest
+
+from dysink_kernels import bench
+
+DEVICE = bench.default_device()
+PLAN = bench.plan_for(DEVICE)
+
+CASES = bench.attention_cases(PLAN, DEVICE)
+
+
+@pytest.mark.parametrize(
+    ("shape", "provider", "reason"), CASES, ids=[f"{s.layout}-{p.id}" for s, p, _ in CASES]
+)
+def test_attention(benchmark, recorder, shape, provider, reason):
+    if reason is not None:
+        pytest.skip(reason)
+    inputs = bench.attention_inputs(shape, DEVICE, n_sets=PLAN.n_sets)
+    calls = [bench.attention_call(provider, inp) for inp in inputs]
+    error = bench.attention_error(calls[0](), inputs[0])
+    assert error <= bench.ATTN_ATOL[shape.dtype], f"{provider.id}: max error {error:.3g}"
+    benchmark.group = f"attention {shape.layout} {shape.label()}"
+    benchmark.extra_info.update(flops=shape.flops(), provider=provider.id)
+    benchmark.pedantic(
+        bench.synchronized(bench.rotating(calls), DEVICE),
+        rounds=PLAN.attn_rounds,
+        warmup_rounds=PLAN.warmup,
+    )
+    timing = bench.Timing.from_benchmark(benchmark)
+    if timing is not None:
+        bench.attention_row(recorder, shape, provider, timing, error)
