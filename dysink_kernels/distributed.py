@@ -51,9 +51,7 @@ class HeadParallel:
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         if total_heads % self.world:
-            raise ValueError(
-                f"{total_heads} heads cannot be split evenly over {self.world} ranks"
-            )
+            raise ValueError(f"{total_heads} heads cannot be split evenly over {self.world} ranks")
         self.total_heads = total_heads
         self.local_heads = total_heads // self.world
         self.head_start = self.rank * self.local_heads
