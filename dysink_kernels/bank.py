@@ -31,6 +31,7 @@ class FrameBank:
         owner: ``(P,)`` int32 owning sample, ``-1`` = free.
         frame: ``(P,)`` int32 first frame of the entry, ``-1`` = free.
         stamp: ``(P,)`` int64 insertion order (FIFO eviction).
+        usage: ``(P,)`` fp32 decayed attention mass of each entry (``"least_relevant"``).
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class FrameBank:
         self.frame = torch.full((P,), -1, dtype=torch.int32, device=self.device)
         self.stamp = torch.zeros(P, dtype=torch.int64, device=self.device)
         self.clock = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.usage = torch.zeros(P, dtype=torch.float32, device=self.device)
         self.feature: torch.Tensor | None = None
         if feature_dim is not None:
             self.ensure_feature_dim(feature_dim)
@@ -111,6 +113,7 @@ class FrameBank:
         frame: torch.Tensor,
         dedup: float | None,
         backend: str = "auto",
+        evict_key: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one block per sample, deciding dedup and slot on the device.
 
@@ -120,6 +123,8 @@ class FrameBank:
             feature: ``(B, F)`` block features (normalised here).
             frame: ``()`` int64 first frame of the block.
             dedup: skip when the max cosine to the sample's entries is ``> dedup``.
+            evict_key: ``(P,)`` int64 eviction order (smallest first) to use instead of
+                the insertion stamps (see :meth:`least_relevant_order`).
 
         Returns:
             ``(stored (B,) bool, slot (B,) int64)`` device tensors.
@@ -129,11 +134,36 @@ class FrameBank:
             B = feature.shape[0]
             none = torch.zeros(B, dtype=torch.bool, device=self.device)
             return none, torch.full((B,), -1, dtype=torch.int64, device=self.device)
-        return bank_insert(
-            self.k, self.v, self.mean_k, self.feature, self.owner, self.frame, self.stamp,
+        # The insert op evicts the smallest "stamp"; a custom order goes in as a copy
+        # (the op writes new stamps into it) and the real stamps are set afterwards.
+        clock0 = self.clock.clone() if evict_key is not None else None
+        stamps = self.stamp if evict_key is None else evict_key.clone()
+        stored, slot = bank_insert(
+            self.k, self.v, self.mean_k, self.feature, self.owner, self.frame, stamps,
             self.clock, src_k, src_v, src_pos, feature, frame,
             self.slots_per_sample, self.limit, dedup, backend=backend,
         )  # fmt: skip
+        if clock0 is not None:
+            new = clock0 + torch.arange(feature.shape[0], device=self.device)
+            self.stamp.index_copy_(
+                0, slot, torch.where(stored, new, self.stamp.index_select(0, slot))
+            )
+        fresh = torch.where(stored, 0.0, self.usage.index_select(0, slot))
+        self.usage.index_copy_(0, slot, fresh)
+        return stored, slot
+
+    def least_relevant_order(self) -> torch.Tensor:
+        """``(P,)`` int64 eviction order by (usage, insertion stamp), smallest first."""
+        by_stamp = torch.argsort(self.stamp, stable=True)
+        order = by_stamp[torch.argsort(self.usage[by_stamp], stable=True)]
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=order.device)
+        return rank
+
+    def add_usage(self, slot_idx: torch.Tensor, mass: torch.Tensor) -> None:
+        """Add ``mass (B, n)`` to the usage of the attended ``slot_idx (B, n)`` (``-1`` skips)."""
+        idx = slot_idx.long().clamp(min=0).flatten()
+        self.usage.index_add_(0, idx, torch.where(slot_idx >= 0, mass, 0.0).flatten().float())
 
     def state_dict(self) -> dict[str, torch.Tensor | None]:
         return {
@@ -145,6 +175,7 @@ class FrameBank:
             "frame": self.frame,
             "stamp": self.stamp,
             "clock": self.clock,
+            "usage": self.usage,
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor | None]) -> None:

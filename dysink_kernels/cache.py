@@ -27,6 +27,7 @@ from .config import DySinkConfig
 from .ops.gathered_attn import SinkAttnStats, gathered_attention
 from .ops.rope import rotate_temporal
 from .ops.select_sinks import select_sinks_impl
+from .ops.select_sinks.naive import select_sinks_naive
 from .ops.sink_gate import gate_from_means
 from .ops.sink_gate.naive import decide_from_votes, gate_votes
 
@@ -348,10 +349,14 @@ class DySinkCache:
 
         if c.top_k > 0 and self.recent_feat is not None and self.bank.feature is not None:
             ex_lo = cur - l_eff if c.exclude == "reference" else torch.minimum(lo, cur)
-            slot, score = select_sinks_impl(
-                self.recent_feat, self.bank.feature, self.bank.owner, self.bank.frame,
-                c.top_k, ex_lo, cur.expand(B), s, self.backend,
-            )  # fmt: skip
+            args = (self.recent_feat, self.bank.feature, self.bank.owner, self.bank.frame,
+                    c.top_k, ex_lo, cur.expand(B), s)  # fmt: skip
+            if c.relevance_mix > 0:
+                slot, score = select_sinks_naive(
+                    *args, slot_prior=self._usage_prior(), prior_mix=c.relevance_mix
+                )
+            else:
+                slot, score = select_sinks_impl(*args, self.backend)
             self.slot_idx.copy_(slot)
             self.slot_score.copy_(score)
 
@@ -443,6 +448,7 @@ class DySinkCache:
         )  # fmt: skip
         if attn_stats is not None and not commit and c.top_k > 0:
             self._update_anomaly(layer, attn_stats)
+            self.bank.add_usage(kept, attn_stats.slot_mass.mean(dim=1))
 
         if commit:
             self.local_k[layer].index_copy_(1, self.write_pos, k)
@@ -535,6 +541,16 @@ class DySinkCache:
             delta = self.slot_delta.reshape(1, B * k)
             self._rot_mean_k.copy_(rotate_temporal(means, delta, c.rope_theta))
 
+    def _usage_prior(self) -> torch.Tensor:
+        """``(B, P)`` each slot's usage over the largest usage of its sample (0 elsewhere)."""
+        B, C = self.batch_size, self.bank.slots_per_sample
+        usage = self.bank.usage.view(B, C)
+        top = usage.amax(dim=1, keepdim=True)
+        own = torch.where(top > 0, usage / top.clamp(min=1e-12), 0.0)  # (B, C)
+        prior = torch.zeros(B, B, C, device=self.device)
+        prior[torch.arange(B), torch.arange(B)] = own
+        return prior.view(B, B * C)
+
     def _update_anomaly(self, layer: int, attn: SinkAttnStats) -> None:
         """Entropy-anomaly statistics after a denoising call; decides the entropy gate's
         drops for the next call of this layer (all on the device)."""
@@ -610,9 +626,11 @@ class DySinkCache:
         self._check_latent(latent)
         self._ensure_recent(feat.shape[1])
 
+        self.bank.usage.mul_(c.usage_decay)
+        evict_key = self.bank.least_relevant_order() if c.eviction == "least_relevant" else None
         stored, slot = self.bank.insert(
             self.local_k, self.local_v, self.write_pos, feat, self.frame_dev, c.dedup,
-            backend=self.backend,
+            backend=self.backend, evict_key=evict_key,
         )  # fmt: skip
         self.last_stored.copy_(stored)
         if self.store_latents:

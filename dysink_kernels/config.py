@@ -12,6 +12,7 @@ EXCLUDES = ("reference", "window")
 WINDOW_SCOPES = ("batch", "sample")
 SINK_ROPES = ("original", "relative")
 GATE_MODES = ("consensus", "entropy", "both")
+EVICTIONS = ("fifo", "least_relevant")
 
 
 def _positive_int(name: str, value: object, minimum: int = 1) -> None:
@@ -79,6 +80,15 @@ class DySinkConfig:
         anomaly_z, anomaly_decay, anomaly_warmup, anomaly_min_mass, anomaly_min_cv:
             parameters of the entropy gate (EMA decay of the per-head entropy
             statistics, calls before the z-test is trusted).
+        eviction: when a sample's bank is full, evict its oldest entry (``"fifo"``, the
+            reference) or the one with the least usage (``"least_relevant"``; ties go to
+            the oldest). Usage is each entry's attention mass (mean over heads and
+            queries of ``slot_mass``) summed over the calls that attended it, multiplied
+            by ``usage_decay`` at every block.
+        relevance_mix: blends the normalised usage into retrieval scores:
+            ``(1 - mix) * cosine + mix * usage / max_usage_of_the_sample`` (0 = paper).
+            With ``mix > 0`` retrieval runs the PyTorch implementation.
+        usage_decay: per-block decay of the usage (``(0, 1]``).
     """
 
     num_layers: int
@@ -109,6 +119,9 @@ class DySinkConfig:
     anomaly_warmup: int = 8
     anomaly_min_mass: float = 0.1
     anomaly_min_cv: float = 0.05
+    eviction: str = "fifo"
+    relevance_mix: float = 0.0
+    usage_decay: float = 0.9
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_heads", "head_dim", "tokens_per_frame", "frames_per_block"):
@@ -161,6 +174,14 @@ class DySinkConfig:
         if not 0.0 <= self.anomaly_decay < 1.0:
             raise ValueError(f"anomaly_decay must be in [0, 1), got {self.anomaly_decay!r}")
         _positive_int("anomaly_warmup", self.anomaly_warmup, 0)
+        if self.eviction not in EVICTIONS:
+            raise ValueError(f"eviction must be one of {EVICTIONS}, got {self.eviction!r}")
+        if not 0.0 <= self.relevance_mix <= 1.0:
+            raise ValueError(f"relevance_mix must be in [0, 1], got {self.relevance_mix!r}")
+        if not 0.0 < self.usage_decay <= 1.0:
+            raise ValueError(f"usage_decay must be in (0, 1], got {self.usage_decay!r}")
+        if (self.eviction != "fifo" or self.relevance_mix > 0) and not self.stats:
+            raise ValueError("usage-aware eviction/relevance needs stats=True (it reads slot_mass)")
         if self.softmax_scale is not None and not self.softmax_scale > 0:
             raise ValueError(f"softmax_scale must be positive, got {self.softmax_scale!r}")
 

@@ -57,7 +57,11 @@ def select_sinks_naive(
     exclude_lo: torch.Tensor,
     exclude_hi: torch.Tensor,
     sink_frames: int,
+    slot_prior: torch.Tensor | None = None,
+    prior_mix: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """See the module docstring. ``slot_prior (B, P)`` in [0, 1] blends into the score:
+    ``(1 - prior_mix) * cosine + prior_mix * prior`` (usage-aware relevance)."""
     B = query_feat.shape[0]
     P = slot_feat.shape[0]
     device = query_feat.device
@@ -67,6 +71,8 @@ def select_sinks_naive(
         return slot_out, score_out
 
     score = relevance_scores(query_feat, slot_feat)
+    if slot_prior is not None and prior_mix > 0:
+        score = (1.0 - prior_mix) * score + prior_mix * slot_prior.float()
     cand = candidate_mask(score, slot_owner, slot_frame, exclude_lo, exclude_hi, sink_frames)
     masked = torch.where(cand, score, torch.full_like(score, float("-inf")))
 
