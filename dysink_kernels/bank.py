@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import torch
 
+from ._registry import available_backends
 from ._validate import canonical_device
+from .fp8 import FP8_DTYPE, quantize
 from .ops.bank_insert import bank_insert
 
 __all__ = ["FrameBank"]
+
+
+def _byte_insert_backend(device: torch.device) -> str:
+    """fp8 banks insert bytes: the Triton kernel on a GPU, else the PyTorch one (the
+    C++ extension handles float dtypes only)."""
+    if device.type == "cuda" and "triton" in available_backends("bank_insert", device):
+        return "triton"
+    return "naive"
 
 
 class FrameBank:
@@ -68,6 +78,14 @@ class FrameBank:
         shape = (num_layers, P, entry_tokens, num_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=self.storage_device, pin_memory=pin)
         self.v = torch.zeros(shape, dtype=dtype, device=self.storage_device, pin_memory=pin)
+        # fp8 storage: one scale per (layer, slot, head), see fp8.py.
+        self.quantized = dtype == FP8_DTYPE
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
+        if self.quantized:
+            scale_shape = (num_layers, P, num_heads)
+            self.k_scale = torch.ones(scale_shape, dtype=torch.float32, device=self.device)
+            self.v_scale = torch.ones(scale_shape, dtype=torch.float32, device=self.device)
         self.mean_k = torch.zeros(
             num_layers, P, num_heads, head_dim, dtype=torch.float32, device=self.device
         )
@@ -138,11 +156,31 @@ class FrameBank:
         # (the op writes new stamps into it) and the real stamps are set afterwards.
         clock0 = self.clock.clone() if evict_key is not None else None
         stamps = self.stamp if evict_key is None else evict_key.clone()
+        pool_k, pool_v = self.k, self.v
+        if self.quantized:
+            # Quantise the block first; the op then moves bytes (uint8 views) and its
+            # mean keys (of bytes) are replaced by the block's true means below.
+            blk_k = src_k.index_select(2, src_pos)
+            blk_v = src_v.index_select(2, src_pos)
+            q_k, s_k = quantize(blk_k, (2, 4))  # scales (L, B, 1, H, 1)
+            q_v, s_v = quantize(blk_v, (2, 4))
+            src_k, src_v = q_k.view(torch.uint8), q_v.view(torch.uint8)
+            src_pos = torch.arange(blk_k.shape[2], device=src_pos.device)
+            pool_k, pool_v = self.k.view(torch.uint8), self.v.view(torch.uint8)
+            backend = _byte_insert_backend(self.device)
         stored, slot = bank_insert(
-            self.k, self.v, self.mean_k, self.feature, self.owner, self.frame, stamps,
+            pool_k, pool_v, self.mean_k, self.feature, self.owner, self.frame, stamps,
             self.clock, src_k, src_v, src_pos, feature, frame,
             self.slots_per_sample, self.limit, dedup, backend=backend,
         )  # fmt: skip
+        if self.quantized:
+            keep = stored[None, :, None]
+            for table, new in ((self.k_scale, s_k), (self.v_scale, s_v)):
+                old = table.index_select(1, slot)
+                table.index_copy_(1, slot, torch.where(keep, new[:, :, 0, :, 0], old))
+            old = self.mean_k.index_select(1, slot)
+            means = torch.where(keep[..., None], blk_k.float().mean(dim=2), old)
+            self.mean_k.index_copy_(1, slot, means)
         if clock0 is not None:
             new = clock0 + torch.arange(feature.shape[0], device=self.device)
             self.stamp.index_copy_(
@@ -151,6 +189,26 @@ class FrameBank:
         fresh = torch.where(stored, 0.0, self.usage.index_select(0, slot))
         self.usage.index_copy_(0, slot, fresh)
         return stored, slot
+
+    def write_entry(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Overwrite one entry's ``(S_e, H, D)`` K/V of one layer (recache), quantising
+        for an fp8 bank, and refresh its mean key."""
+        if self.quantized:
+            k, s_k = quantize(k, (0, 2))
+            v, s_v = quantize(v, (0, 2))
+            self.k_scale[layer, slot] = s_k.flatten()
+            self.v_scale[layer, slot] = s_v.flatten()
+            self.mean_k[layer, slot] = (k.float() * s_k).mean(dim=0)
+        else:
+            self.mean_k[layer, slot] = k.float().mean(dim=0)
+        self.k[layer, slot].copy_(k, non_blocking=True)
+        self.v[layer, slot].copy_(v, non_blocking=True)
+
+    def scales(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(P, H)`` dequantisation scales of ``layer`` (``None`` unless fp8)."""
+        if not self.quantized:
+            return None, None
+        return self.k_scale[layer], self.v_scale[layer]
 
     def least_relevant_order(self) -> torch.Tensor:
         """``(P,)`` int64 eviction order by (usage, insertion stamp), smallest first."""
@@ -176,10 +234,16 @@ class FrameBank:
             "stamp": self.stamp,
             "clock": self.clock,
             "usage": self.usage,
+            "k_scale": self.k_scale,
+            "v_scale": self.v_scale,
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor | None]) -> None:
         for name, value in state.items():
+            if name in ("k_scale", "v_scale") and (value is None) != (getattr(self, name) is None):
+                raise ValueError("the state's bank and this bank differ in fp8 storage")
+            if value is None and name != "feature":
+                continue
             if name == "feature":
                 if value is None:
                     self.feature = None

@@ -1406,13 +1406,15 @@ PIXEL_FRAMES_PER_LATENT = 4  # Wan2.1's VAE: 4 pixel frames per latent frame
 
 
 def add_memory_rows(rec: Recorder, shape: PipelineShape = WAN_LAYER) -> None:
-    """Bank memory at the reference shape, bf16 (computed from the shapes, not measured)."""
+    """Bank memory at the reference shape, bf16 and fp8 (computed from the shapes, not
+    measured)."""
     s = replace(shape, dtype=torch.bfloat16)
     cfg = s.config()
     entry = s.entry_bytes()
     latent_per_minute = 60 * VIDEO_FPS // PIXEL_FRAMES_PER_LATENT
     blocks_per_minute = latent_per_minute // s.frames_per_block
     elem = 2
+    fp8_entry = entry // 2 + s.layers * 2 * s.heads * 4  # bytes + fp32 K/V scales
     ring = 2 * s.layers * s.batch * cfg.ring_frames * s.tokens_per_frame * s.heads * s.head_dim
     ref_cache_tokens = (s.local_frames + s.top_k * s.frames_per_block) * s.tokens_per_frame
     ref_cache = 2 * s.layers * ref_cache_tokens * s.heads * s.head_dim * elem
@@ -1432,9 +1434,11 @@ def add_memory_rows(rec: Recorder, shape: PipelineShape = WAN_LAYER) -> None:
          f"the package's window ring: {cfg.ring_frames} frames x every layer, K+V"),
         ("reference_kv_cache", "bf16", ref_cache,
          f"the reference's KV cache: {ref_cache_tokens} tokens x every layer, K+V"),
-        ("compressed_formats", "", None,
-         "none yet: the package stores the bank in the model dtype only (fp8 is DESIGN 4, "
-         "not implemented)"),
+        ("bank_entry", "fp8_e4m3", fp8_entry,
+         "bank_dtype=torch.float8_e4m3fn: 1 byte per element plus fp32 K and V scales per "
+         "(layer, head)"),
+        ("bank_per_minute", "fp8_e4m3", blocks_per_minute * fp8_entry,
+         "as bank_per_minute, with the fp8 bank"),
     ]  # fmt: skip
     for case, dtype, value, note in rows:
         rec.add(

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ._validate import canonical_device, check_dim, check_tensor, dtype_name
 from .bank import FrameBank
 from .config import DySinkConfig
+from .fp8 import FP8_DTYPE
 from .ops.gathered_attn import SinkAttnStats, gathered_attention
 from .ops.rope import rotate_temporal
 from .ops.select_sinks import select_sinks_impl
@@ -165,6 +166,9 @@ class DySinkCache:
             (``offload.py``); results equal the on-device bank's.
         max_bank_bytes: bank budget in bytes of K/V (all samples); sets the slots per
             sample instead of ``bank_slots``.
+        bank_dtype: the bank's K/V dtype: ``dtype`` (default) or ``torch.float8_e4m3fn``
+            (half the bytes of bf16; one fp32 scale per layer, slot and head, computed
+            at insert; the attention dequantises while loading; see ``fp8.py``).
         store_latents: keep each stored block's clean latent (per bank slot and per
             window block; ``end_block(latent=...)``) so that :meth:`recache` can
             recompute their K/V under a new prompt. Costs one block latent per slot and
@@ -185,6 +189,7 @@ class DySinkCache:
         bank_device: torch.device | str | None = None,
         max_bank_bytes: int | None = None,
         store_latents: bool = False,
+        bank_dtype: torch.dtype | None = None,
     ) -> None:
         if not isinstance(config, DySinkConfig):
             raise TypeError(f"config must be a DySinkConfig, got {type(config).__name__}")
@@ -192,10 +197,16 @@ class DySinkCache:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+        bank_dtype = dtype if bank_dtype is None else bank_dtype
+        if bank_dtype not in (dtype, FP8_DTYPE):
+            raise TypeError(
+                f"bank_dtype must be the cache dtype ({dtype_name(dtype)}) or float8_e4m3fn, "
+                f"got {bank_dtype}"
+            )
         if max_bank_bytes is not None:
             if bank_slots is not None:
                 raise ValueError("give bank_slots or max_bank_bytes, not both")
-            elem = torch.empty(0, dtype=dtype).element_size()
+            elem = torch.empty(0, dtype=bank_dtype).element_size()
             entry = 2 * config.num_layers * config.block_tokens * config.num_heads
             entry *= config.head_dim * elem
             bank_slots = int(max_bank_bytes) // (entry * batch_size)
@@ -235,7 +246,7 @@ class DySinkCache:
         self.frame_ksum = torch.zeros(Ly, B, s + R, H, D, dtype=torch.float32, device=dev)
         self.bank = FrameBank(
             Ly, B, bank_slots, c.block_tokens, H, D,
-            dtype=dtype, device=dev, max_entries=c.max_entries, feature_dim=feature_dim,
+            dtype=bank_dtype, device=dev, max_entries=c.max_entries, feature_dim=feature_dim,
             storage_device=bank_device,
         )  # fmt: skip
         # An explicit bank_device selects the staged path even when it equals the
@@ -434,17 +445,21 @@ class DySinkCache:
 
         relative = c.sink_rope == "relative" and not commit and c.top_k > 0
         pool_k, pool_v, attend_slots = self.bank.k[layer], self.bank.v[layer], kept
+        k_scale, v_scale = self.bank.scales(layer)
         if self.stager is not None:  # the retrieved slots were staged at _rot_slots' places
             self.stager.wait(layer)
             pool_k, pool_v = self.stager.k[layer], self.stager.v[layer]
             if not commit:
                 attend_slots = torch.where(kept >= 0, self._rot_slots, -1)
+            if k_scale is not None:
+                staged = self.stager.slots.long().clamp(min=0)
+                k_scale, v_scale = k_scale.index_select(0, staged), v_scale.index_select(0, staged)
         out, attn_stats = gathered_attention(
             q, pool_k, pool_v, attend_slots,
             self.local_k[layer], self.local_v[layer], ranges, k, v,
             softmax_scale=c.softmax_scale, return_stats=c.stats,
             slot_delta=self.slot_delta if relative else None, rope_theta=c.rope_theta,
-            backend=self.backend,
+            pool_k_scale=k_scale, pool_v_scale=v_scale, backend=self.backend,
         )  # fmt: skip
         if attn_stats is not None and not commit and c.top_k > 0:
             self._update_anomaly(layer, attn_stats)
@@ -783,9 +798,7 @@ class DySinkCache:
         T = c.tokens_per_frame
         if t.slots is not None:
             for i, p in enumerate(t.slots):
-                self.bank.k[layer, p].copy_(k[i], non_blocking=True)
-                self.bank.v[layer, p].copy_(v[i], non_blocking=True)
-                self.bank.mean_k[layer, p] = k[i].float().mean(dim=0)
+                self.bank.write_entry(layer, p, k[i], v[i])
         else:
             for f in t.window_frames:
                 i = f - t.window_first

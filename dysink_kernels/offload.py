@@ -70,10 +70,15 @@ class SlotStager:
         self, pool_k: torch.Tensor, pool_v: torch.Tensor, n_stage: int, device: torch.device
     ) -> None:
         L, _, S_e, H, D = pool_k.shape
-        self.pool_k, self.pool_v = pool_k, pool_v
         self.device = device
         self.k = torch.zeros(L, n_stage, S_e, H, D, dtype=pool_k.dtype, device=device)
         self.v = torch.zeros_like(self.k)
+        # Staging moves bytes: an fp8 bank is copied through uint8 views.
+        byte = pool_k.element_size() == 1 and pool_k.dtype != torch.uint8
+        self.pool_k = pool_k.view(torch.uint8) if byte else pool_k
+        self.pool_v = pool_v.view(torch.uint8) if byte else pool_v
+        self._k = self.k.view(torch.uint8) if byte else self.k
+        self._v = self.v.view(torch.uint8) if byte else self.v
         self.slots = torch.full((n_stage,), -1, dtype=torch.int32, device=device)
         self.on_gpu = device.type == "cuda"
         if self.on_gpu:
@@ -86,8 +91,8 @@ class SlotStager:
         if not self.on_gpu:
             idx = self.slots.long().clamp(min=0)
             keep = (self.slots >= 0).view(1, -1, 1, 1, 1)
-            self.k.copy_(torch.where(keep, self.pool_k.index_select(1, idx), self.k))
-            self.v.copy_(torch.where(keep, self.pool_v.index_select(1, idx), self.v))
+            self._k.copy_(torch.where(keep, self.pool_k.index_select(1, idx), self._k))
+            self._v.copy_(torch.where(keep, self.pool_v.index_select(1, idx), self._v))
             return
         kernel, cdiv = _gather_kernel()
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -95,7 +100,7 @@ class SlotStager:
         grid = (self.slots.shape[0], cdiv(n_elem, GATHER_BLOCK))
         with torch.cuda.stream(self.stream):
             for layer in range(self.k.shape[0]):
-                for src, dst in ((self.pool_k, self.k), (self.pool_v, self.v)):
+                for src, dst in ((self.pool_k, self._k), (self.pool_v, self._v)):
                     kernel[grid](
                         src[layer], dst[layer], self.slots, n_elem,
                         src.stride(1), dst.stride(1), BLOCK=GATHER_BLOCK,

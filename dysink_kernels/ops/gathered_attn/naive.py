@@ -70,6 +70,7 @@ def gathered_attention_naive(
         if pool_k_scale is not None:  # fp8 bank: dequantise per (slot, head)
             gk = gk.float() * pool_k_scale.index_select(0, flat).view(B, n, 1, H, 1)
             gv = gv.float() * pool_v_scale.index_select(0, flat).view(B, n, 1, H, 1)
+            gk, gv = gk.to(q.dtype), gv.to(q.dtype)  # as the kernel feeds its dot
         if slot_delta is not None:  # re-positioned sinks: turn the temporal RoPE pairs
             gk = rotate_temporal_naive(gk.float(), slot_delta.float()[..., None], rope_theta)
         gk = gk.reshape(B, n * S_e, H, D)

@@ -50,6 +50,40 @@ __all__ = ["KernelConfig", "flops", "gathered_attention_triton", "pick_config"]
 
 # ----------------------------------------------------------------------------- kernel
 @triton.jit
+def _fold_tile(
+    b_q, b_k, b_v, m_n, slot_hit, acc, m_i, l_i, e_i, l_slot, qk_scale,
+    STATS: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Fold one tile of keys (``m_n`` marks the valid ones) into the online softmax."""
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
+    b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(b_s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    b_p = tl.math.exp2(b_s - m_new[:, None])
+    p_sum = tl.sum(b_p, 1)
+    if STATS:
+        centred = tl.where(m_n[None, :], b_s - m_new[:, None], 0.0)
+        e_i = alpha * (e_i + l_i * (m_i - m_new)) + tl.sum(b_p * centred, 1)
+        l_slot = l_slot * alpha[:, None] + tl.where(slot_hit, p_sum[:, None], 0.0)
+    l_i = l_i * alpha + p_sum
+    acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+    return acc, m_new, l_i, e_i, l_slot
+
+
+@triton.jit
+def _e4m3_to_f32(b):
+    """fp8 e4m3 bytes -> fp32 with integer ops only: normal numbers get their exponent
+    re-biased (7 -> 127) and mantissa moved into place; subnormals are ``m * 2^-9``."""
+    x = b.to(tl.int32)
+    sign = (x & 0x80) << 24
+    e = (x >> 3) & 0xF
+    m = x & 0x7
+    normal = (sign | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    sub = m.to(tl.float32) * 0.001953125
+    return tl.where(e == 0, tl.where(sign != 0, -sub, sub), normal)
+
+
+@triton.jit
 def _rotate_pairs(b_x, cos, sin, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Multiply each adjacent channel pair ``(2j, 2j+1)`` of ``b_x`` by ``cos_j + i sin_j``.
 
@@ -65,13 +99,14 @@ def _rotate_pairs(b_x, cos, sin, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def _gathered_attn_fwd(
-    Q, PK, PV, SLOT, LK, LV, RANGES, CK, CV, ROT_COS, ROT_SIN,
+    Q, PK, PV, SLOT, LK, LV, RANGES, CK, CV, ROT_COS, ROT_SIN, K_SCALE, V_SCALE,
     OUT, LSE, ENT, MASS,
     n_slots, Sq, S_e, Sc, H, qk_scale,
     stride_qb, stride_qm, stride_qh,
     stride_pp, stride_pn, stride_ph,
     stride_sb, stride_sn,
     stride_rotb, stride_rotn,
+    stride_scp,
     stride_lb, stride_ln, stride_lh,
     stride_rb, stride_rr,
     stride_cb, stride_cn, stride_ch,
@@ -82,6 +117,7 @@ def _gathered_attn_fwd(
     HAS_CUR: tl.constexpr,
     STATS: tl.constexpr,
     ROTATE: tl.constexpr,
+    QUANT: tl.constexpr,
     N_SLOTS: tl.constexpr,
     N_SEGS: tl.constexpr,
     ALIGN: tl.constexpr,
@@ -95,7 +131,9 @@ def _gathered_attn_fwd(
     The segments (slots, local ranges, current keys) are described by a small
     table in registers (``N_SEGS`` lanes: kind, first row, length, first tile), and
     one flat loop walks their tiles, so the whole pass is a single software
-    pipeline whatever the number of segments.
+    pipeline whatever the number of segments. With an fp8 bank (``QUANT``) the slots
+    are walked by a loop of their own that decodes and scales them while loading
+    (their bytes cannot share the flat loop's pointer type).
     """
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -111,17 +149,21 @@ def _gathered_attn_fwd(
 
     # Segment table: lanes [0, n_slots) are bank slots, then N_RANGES local ranges,
     # then the current keys. A skipped slot or an empty range has length 0.
+    if QUANT:
+        n_tab = 0  # the slots have their own loop
+    else:
+        n_tab = n_slots
     o_g = tl.arange(0, N_SEGS)
-    is_slot = o_g < n_slots
-    is_range = (o_g >= n_slots) & (o_g < n_slots + N_RANGES)
+    is_slot = o_g < n_tab
+    is_range = (o_g >= n_tab) & (o_g < n_tab + N_RANGES)
     slot = tl.load(SLOT + i_b64 * stride_sb + o_g * stride_sn, mask=is_slot, other=-1)
-    p_rng = RANGES + i_b64 * stride_rb + (o_g - n_slots) * stride_rr
+    p_rng = RANGES + i_b64 * stride_rb + (o_g - n_tab) * stride_rr
     lo = tl.load(p_rng, mask=is_range, other=0)
     hi = tl.load(p_rng + 1, mask=is_range, other=0)
     g_len = tl.where(is_slot & (slot >= 0), S_e, 0)
     g_len = tl.where(is_range, tl.maximum(hi - lo, 0), g_len)
     if HAS_CUR:
-        g_len = tl.where(o_g == n_slots + N_RANGES, Sc, g_len)
+        g_len = tl.where(o_g == n_tab + N_RANGES, Sc, g_len)
     g_row = tl.where(is_range, lo, 0)
     if ROTATE:  # per-slot re-positioning: cos/sin of each channel pair's turn
         o_p = tl.arange(0, BLOCK_D // 2)
@@ -155,17 +197,48 @@ def _gathered_attn_fwd(
     o_s = tl.arange(0, N_SLOTS)
     l_slot = tl.zeros([BLOCK_M, N_SLOTS], dtype=tl.float32)
 
+    if QUANT:  # fp8 slots: decode e4m3 bytes and scale them per (slot, head) on load
+        for j in range(n_slots):
+            q_slot = tl.load(SLOT + i_b64 * stride_sb + j * stride_sn)
+            if q_slot >= 0:
+                slot64 = q_slot.to(tl.int64)
+                k_sc = tl.load(K_SCALE + slot64 * stride_scp + i_h)
+                v_sc = tl.load(V_SCALE + slot64 * stride_scp + i_h)
+                base = slot64 * stride_pp + i_h * stride_ph
+                if ROTATE:
+                    p_rot = i_b64 * stride_rotb + j * stride_rotn + o_p
+                    rot_cos = tl.load(ROT_COS + p_rot)
+                    rot_sin = tl.load(ROT_SIN + p_rot)
+                slot_hit = o_s[None, :] == j
+                for i_n in range(0, S_e, BLOCK_N):
+                    m_n = (i_n + o_n) < S_e
+                    p_kv = base + (i_n + o_n)[:, None] * stride_pn + o_d[None, :]
+                    k8 = tl.load(PK + p_kv, mask=m_n[:, None] & m_d[None, :], other=0)
+                    v8 = tl.load(PV + p_kv, mask=m_n[:, None] & m_d[None, :], other=0)
+                    b_k = (_e4m3_to_f32(k8) * k_sc).to(b_q.dtype)
+                    b_v = (_e4m3_to_f32(v8) * v_sc).to(b_q.dtype)
+                    if ROTATE:
+                        b_k = _rotate_pairs(b_k, rot_cos, rot_sin, BLOCK_N, BLOCK_D)
+                    acc, m_i, l_i, e_i, l_slot = _fold_tile(
+                        b_q, b_k, b_v, m_n, slot_hit, acc, m_i, l_i, e_i, l_slot, qk_scale,
+                        STATS, PRECISION,
+                    )  # fmt: skip
+
     for t in range(0, n_tiles):
         seg = tl.sum((g_first <= t).to(tl.int32), 0) - 1
         sel = o_g == seg
-        kind_slot = seg < n_slots
-        kind_range = (seg >= n_slots) & (seg < n_slots + N_RANGES)
+        kind_slot = seg < n_tab
+        kind_range = (seg >= n_tab) & (seg < n_tab + N_RANGES)
         tile = t - tl.sum(tl.where(sel, g_first, 0), 0)
         row = tl.sum(tl.where(sel, g_row, 0), 0) + tile * BLOCK_N
         valid = tl.sum(tl.where(sel, g_len, 0), 0) - tile * BLOCK_N
         off = tl.sum(tl.where(sel, g_off, 0), 0).to(tl.int64) * ALIGN
-        base_k = tl.where(kind_slot, PK, tl.where(kind_range, LK, CK)) + off
-        base_v = tl.where(kind_slot, PV, tl.where(kind_range, LV, CV)) + off
+        if QUANT:  # no slot tile here (and PK/PV hold bytes, not K/V's type)
+            base_k = tl.where(kind_range, LK, CK) + off
+            base_v = tl.where(kind_range, LV, CV) + off
+        else:
+            base_k = tl.where(kind_slot, PK, tl.where(kind_range, LK, CK)) + off
+            base_v = tl.where(kind_slot, PV, tl.where(kind_range, LV, CV)) + off
         s_n = tl.where(kind_slot, stride_pn, tl.where(kind_range, stride_ln, stride_cn))
         m_n = o_n < valid
         p_k = base_k + (row + o_n)[:, None] * s_n + o_d[None, :]
@@ -178,20 +251,11 @@ def _gathered_attn_fwd(
             rot_sin = tl.load(ROT_SIN + p_rot, mask=kind_slot & (o_p >= 0), other=0.0)
             b_k = _rotate_pairs(b_k, rot_cos, rot_sin, BLOCK_N, BLOCK_D)
 
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
-        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(b_s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        b_p = tl.math.exp2(b_s - m_new[:, None])
-        p_sum = tl.sum(b_p, 1)
-        if STATS:
-            centred = tl.where(m_n[None, :], b_s - m_new[:, None], 0.0)
-            e_i = alpha * (e_i + l_i * (m_i - m_new)) + tl.sum(b_p * centred, 1)
-            slot_hit = (o_s[None, :] == seg) & kind_slot
-            l_slot = l_slot * alpha[:, None] + tl.where(slot_hit, p_sum[:, None], 0.0)
-        l_i = l_i * alpha + p_sum
-        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
-        m_i = m_new
+        slot_hit = (o_s[None, :] == seg) & kind_slot
+        acc, m_i, l_i, e_i, l_slot = _fold_tile(
+            b_q, b_k, b_v, m_n, slot_hit, acc, m_i, l_i, e_i, l_slot, qk_scale,
+            STATS, PRECISION,
+        )  # fmt: skip
 
     # Rows that attended nothing (l == 0) get zeros, lse = -inf, entropy 0.
     attended = l_i > 0.0
@@ -352,12 +416,17 @@ def gathered_attention_triton(
 ) -> tuple[torch.Tensor, SinkAttnStats | None]:
     """Triton backend of ``gathered_attention`` (see ``naive.py`` for the semantics)."""
     B, Sq, H, D = q.shape
-    if pool_k_scale is not None or pool_v_scale is not None:
-        raise NotImplementedError("the triton backend does not read fp8 banks yet")
+    quant = pool_k_scale is not None
+    if quant:  # fp8 bank: the kernel reads its bytes and decodes them
+        pool_k, pool_v = pool_k.view(torch.uint8), pool_v.view(torch.uint8)
+        pool_k_scale = pool_k_scale.float().contiguous()
+        pool_v_scale = pool_v_scale.float().contiguous()
     if D % 16 or D > 256:
         raise ValueError(f"the triton backend needs head_dim a multiple of 16 up to 256, got {D}")
     q = _last_dim_contiguous(q)
     pool_k, pool_v = _same_layout(pool_k, pool_v)
+    if quant and pool_k_scale.stride() != pool_v_scale.stride():
+        raise ValueError("pool_k_scale and pool_v_scale must share a layout")
     local_k, local_v = _same_layout(local_k, local_v)
     slot_idx = slot_idx.to(torch.int32)
     local_ranges = local_ranges.to(torch.int32)
@@ -399,19 +468,21 @@ def gathered_attention_triton(
     _gathered_attn_fwd[grid](
         q, pool_k, pool_v, slot_idx, local_k, local_v, local_ranges, cur_k, cur_v,
         rot_cos, rot_sin,
+        pool_k_scale if quant else lse, pool_v_scale if quant else lse,
         out, lse, ent, mass,
         n, Sq, S_e, Sc, H, softmax_scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         pool_k.stride(0), pool_k.stride(1), pool_k.stride(2),
         slot_idx.stride(0), slot_idx.stride(1),
         rot_cos.stride(0) if rotate else 0, rot_cos.stride(1) if rotate else 0,
+        pool_k_scale.stride(0) if quant else 0,
         local_k.stride(0), local_k.stride(1), local_k.stride(2),
         local_ranges.stride(0), local_ranges.stride(1),
         cur_k.stride(0), cur_k.stride(1), cur_k.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         mass.stride(0), mass.stride(1), mass.stride(2),
         D=D, N_RANGES=local_ranges.shape[1], HAS_CUR=has_cur, STATS=return_stats,
-        ROTATE=rotate,
+        ROTATE=rotate, QUANT=quant,
         N_SLOTS=n_slots_pad, N_SEGS=_n_segs(n, local_ranges.shape[1]),
         ALIGN=_alignment(pool_k, pool_v, local_k, local_v, cur_k, cur_v),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -465,8 +536,8 @@ def flops(batch: int, heads: int, sq: int, n_keys: int, head_dim: int) -> float:
 
 
 # ----------------------------------------------------------------------------- AOT report
-_CONSTEXPRS = ("D", "N_RANGES", "HAS_CUR", "STATS", "ROTATE", "N_SLOTS", "N_SEGS", "ALIGN",
-               "BLOCK_M", "BLOCK_N", "BLOCK_D", "PRECISION")  # fmt: skip
+_CONSTEXPRS = ("D", "N_RANGES", "HAS_CUR", "STATS", "ROTATE", "QUANT", "N_SLOTS", "N_SEGS",
+               "ALIGN", "BLOCK_M", "BLOCK_N", "BLOCK_D", "PRECISION")  # fmt: skip
 _TENSORS = ("Q", "PK", "PV", "LK", "LV", "CK", "CV", "OUT")
 
 
@@ -482,7 +553,7 @@ def aot_specs(arch: int, head_dim: int = 128, dtype: str = "bf16") -> list:
             sig[name] = f"*{dtype}"
         elif name in ("SLOT", "RANGES"):
             sig[name] = "*i32"
-        elif name in ("LSE", "ENT", "MASS", "ROT_COS", "ROT_SIN"):
+        elif name in ("LSE", "ENT", "MASS", "ROT_COS", "ROT_SIN", "K_SCALE", "V_SCALE"):
             sig[name] = "*fp32"
         elif name in _CONSTEXPRS:
             sig[name] = "constexpr"
@@ -495,17 +566,20 @@ def aot_specs(arch: int, head_dim: int = 128, dtype: str = "bf16") -> list:
         for n in _gathered_attn_fwd.arg_names
         if n in _TENSORS or n in ("LSE", "ENT", "MASS") or
         (n.startswith("stride") and n not in ("stride_sn", "stride_rr", "stride_sb", "stride_rb",
-                                              "stride_rotb", "stride_rotn"))
+                                              "stride_rotb", "stride_rotn", "stride_scp"))
     )  # fmt: skip
     specs = []
     variants = [
-        ("module", 3, True, False, False), ("module+stats", 3, True, True, False),
-        ("op", 1, False, False, False), ("op+stats", 1, False, True, False),
-        ("module+stats+rotate", 3, True, True, True),
+        ("module", 3, True, False, False, False), ("module+stats", 3, True, True, False, False),
+        ("op", 1, False, False, False, False), ("op+stats", 1, False, True, False, False),
+        ("module+stats+rotate", 3, True, True, True, False),
+        ("module+stats+fp8", 3, True, True, False, True),
     ]  # fmt: skip
-    for label, n_ranges, has_cur, stats, rotate in variants:
+    for label, n_ranges, has_cur, stats, rotate, quant in variants:
+        variant_sig = dict(sig, PK="*u8", PV="*u8") if quant else sig
         const = dict(
-            D=head_dim, N_RANGES=n_ranges, HAS_CUR=has_cur, STATS=stats, ROTATE=rotate, N_SLOTS=2,
+            D=head_dim, N_RANGES=n_ranges, HAS_CUR=has_cur, STATS=stats, ROTATE=rotate,
+            QUANT=quant, N_SLOTS=2,
             N_SEGS=_n_segs(2, n_ranges), ALIGN=_ALIGN_ELEMS,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_dim, PRECISION="tf32",
         )  # fmt: skip
@@ -513,7 +587,7 @@ def aot_specs(arch: int, head_dim: int = 128, dtype: str = "bf16") -> list:
             KernelSpec(
                 name=f"gathered_attn[{label}]",
                 fn=_gathered_attn_fwd,
-                signature=sig,
+                signature=variant_sig,
                 constexprs=const,
                 num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages,
