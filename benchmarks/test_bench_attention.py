@@ -24,7 +24,7 @@ def test_attention(benchmark, recorder, shape, provider, reason):
         pytest.skip(reason)
     inputs = bench.attention_inputs(shape, DEVICE, n_sets=PLAN.n_sets)
     calls = [bench.attention_call(provider, inp) for inp in inputs]
-    error = bench.attention_error(calls[0](), inputs[0])
+    error = bench.attention_error(calls[0](), inputs[0], calls[0])
     assert error <= bench.ATTN_ATOL[shape.dtype], f"{provider.id}: max error {error:.3g}"
     benchmark.group = f"attention {shape.layout} {shape.label()}"
     benchmark.extra_info.update(flops=shape.flops(), provider=provider.id)

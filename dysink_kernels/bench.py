@@ -52,7 +52,8 @@ from ._registry import available_backends
 from .bank import FrameBank
 from .cache import DySinkCache
 from .config import DySinkConfig
-from .ops.gathered_attn import gathered_sink_attention
+from .fp8 import quantize
+from .ops.gathered_attn import gathered_attention, gathered_sink_attention
 from .ops.select_sinks import select_sinks
 from .ops.sink_gate import gate_from_means, sink_gate
 from .sink_attention import SinkAttention
@@ -76,6 +77,8 @@ __all__ = [
 
 SUITES = ("attention", "pipeline", "scaling", "small_ops", "memory")
 PIPELINES = ("ours", "reference_style")
+# Frames by which the "+rotate" attention provider re-positions its slots.
+REPOSITION_FRAMES = 300.0
 COLUMNS = (
     "suite", "case", "provider", "shape", "dtype", "kind", "median_ms", "min_ms", "rounds",
     "tflops", "gbps", "value", "unit", "host_syncs", "cuda_syncs", "h2d_bytes", "d2h_bytes",
@@ -590,10 +593,15 @@ class AttnProvider:
 
     name: str
     stats: bool = False
+    rotate: bool = False  # re-positioned slots (sink_rope="relative")
+    fp8: bool = False  # slots read from an fp8 bank
 
     @property
     def id(self) -> str:
-        return self.name + ("+stats" if self.stats else "")
+        return (
+            self.name + ("+stats" if self.stats else "") + ("+rotate" if self.rotate else "")
+            + ("+fp8" if self.fp8 else "")
+        )  # fmt: skip
 
     @property
     def package_backend(self) -> str | None:
@@ -636,6 +644,9 @@ def attention_providers(
         elif name == "triton":
             reason = triton_reason(device, allow_interpreter)
         out += [(AttnProvider(name, False), reason), (AttnProvider(name, True), reason)]
+        if name == "ours":  # DESIGN 4 options, measured against the plain gathered call
+            out += [(AttnProvider(name, True, rotate=True), reason),
+                    (AttnProvider(name, True, fp8=True), reason)]  # fmt: skip
     for name, backend in SDPA_PROVIDERS.items():
         reason = "needs a GPU" if backend and device.type != "cuda" else None
         out.append((AttnProvider(name), reason))
@@ -657,6 +668,7 @@ def attention_cases(
         (shape, provider, reason)
         for shape in (plan.attn, plan.attn.contiguous())
         for provider, reason in providers
+        if shape.slots > 0 or not (provider.rotate or provider.fp8)
     ]
 
 
@@ -732,6 +744,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 def attention_call(provider: AttnProvider, inp: dict[str, torch.Tensor]) -> Callable:
     """A zero-argument callable that runs ``provider`` on ``inp`` and returns the output."""
     backend = provider.package_backend
+    if backend is not None and (provider.rotate or provider.fp8):
+        return _option_call(provider, inp, backend)
     if backend is not None:
         stats = provider.stats
 
@@ -767,8 +781,36 @@ def attention_call(provider: AttnProvider, inp: dict[str, torch.Tensor]) -> Call
     raise ValueError(f"unknown attention provider {provider.name!r}")
 
 
-def attention_error(out: torch.Tensor, inp: dict[str, torch.Tensor]) -> float:
-    """Max |out - fp32 softmax attention over the concatenated keys|."""
+def _option_call(provider: AttnProvider, inp: dict[str, torch.Tensor], backend: str) -> Callable:
+    """The gathered call with re-positioned slots or an fp8 bank (the internal op form)."""
+    B, Sk = inp["k"].shape[:2]
+    ranges = torch.tensor([0, Sk], dtype=torch.int32, device=inp["k"].device).expand(B, 1, 2)
+    kw: dict = {"return_stats": provider.stats}
+    pool_k, pool_v = inp["pool_k"], inp["pool_v"]
+    if provider.rotate:
+        kw["slot_delta"] = torch.full(
+            inp["slot_idx"].shape, REPOSITION_FRAMES, device=ranges.device
+        )
+    if provider.fp8:
+        pool_k, s_k = quantize(pool_k, (1, 3))
+        pool_v, s_v = quantize(pool_v, (1, 3))
+        kw.update(pool_k_scale=s_k[:, 0, :, 0], pool_v_scale=s_v[:, 0, :, 0])
+
+    def call(backend: str = backend) -> torch.Tensor:
+        return gathered_attention(
+            inp["q"], pool_k, pool_v, inp["slot_idx"], inp["k"], inp["v"], ranges,
+            backend=backend, **kw,
+        )[0]  # fmt: skip
+
+    call.reference = lambda: call("naive")  # type: ignore[attr-defined]
+    return call
+
+
+def attention_error(out: torch.Tensor, inp: dict[str, torch.Tensor], call=None) -> float:
+    """Max |out - fp32 softmax attention over the concatenated keys| (for the DESIGN 4
+    options: against the naive backend with the same options)."""
+    if call is not None and hasattr(call, "reference"):
+        return float((out.float() - call.reference().float()).abs().max())
     k, v = concat_kv(inp)
     ref = sdpa_bshd(inp["q"].float(), k.float(), v.float())
     return float((out.float() - ref).abs().max())
@@ -834,7 +876,7 @@ def run_attention(
         try:
             inputs = attention_inputs(shape, device, n_sets=plan.n_sets)
             calls = [attention_call(provider, inp) for inp in inputs]
-            error = attention_error(calls[0](), inputs[0])
+            error = attention_error(calls[0](), inputs[0], calls[0])
             timing = time_kernel(rotating(calls), device, rounds=plan.attn_rounds)
             note = "CHECK FAILED" if error > ATTN_ATOL[shape.dtype] else ""
             row = attention_row(rec, shape, provider, timing, error, note)
@@ -906,7 +948,7 @@ def config_scan(
                     continue
                 try:
                     calls = [call(inp, cfg, stats) for inp in inputs]
-                    error = attention_error(calls[0](), inputs[0])
+                    error = attention_error(calls[0](), inputs[0], calls[0])
                     timing = time_kernel(rotating(calls), device, rounds=plan.attn_rounds)
                     is_default = cfg.as_dict() == default.as_dict()
                     note = f"max_err={error:.2e}" + ("; default config" if is_default else "")
@@ -1511,6 +1553,13 @@ def add_derived_rows(rec: Recorder) -> None:
                         "x",
                         f"{other} time / {p} time (>1: {p} faster)",
                     )
+    plain = _median(attn, "attention", "gathered", "ours+stats")
+    for option, target in (("ours+stats+rotate", "<= 3%"), ("ours+stats+fp8", "<= 5%")):
+        timed = _median(attn, "attention", "gathered", option)
+        if plain and timed:
+            note = f"DESIGN 4 option, target {target} on a GPU"
+            cost = 100 * (timed / plain - 1)
+            add("attention", "gathered", f"{option}: cost over ours+stats", cost, "%", note)
     for p in ("ours", "ours+stats", "triton", "triton+stats", "naive"):
         gathered = _median(attn, "attention", "gathered", p)
         contiguous = _median(attn, "attention", "contiguous", p)
