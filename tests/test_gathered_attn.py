@@ -192,3 +192,20 @@ def test_deterministic():
     assert torch.equal(a[0], b[0])
     for x, y in zip(a[1], b[1]):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sdpa_backend_equals_naive(case):
+    """The CPU fused-kernel backend against the oracle, statistics included."""
+    B, Sq, Sk, P, S_e, H, D, n = case
+    q, k, v, pk, pv, slots, k_len = make_inputs(B, Sq, Sk, P, S_e, H, D, n, torch.float32)
+    if n:
+        slots[0, 0] = -1
+    k_len[-1] = 0
+    got, gs = gathered_sink_attention(q, k, v, pk, pv, slots, k_len=k_len, return_stats=True,
+                                      backend="sdpa")  # fmt: skip
+    want, ws = gathered_sink_attention(q, k, v, pk, pv, slots, k_len=k_len, return_stats=True,
+                                       backend="naive")  # fmt: skip
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for x, y in zip(gs, ws):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)

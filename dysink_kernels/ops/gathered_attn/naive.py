@@ -40,7 +40,7 @@ def ranges_to_mask(local_ranges: torch.Tensor, n_tokens: int) -> torch.Tensor:
     return ((pos >= lo) & (pos < hi)).any(dim=1)
 
 
-def gathered_attention_naive(
+def gather_keys(
     q: torch.Tensor,
     pool_k: torch.Tensor,
     pool_v: torch.Tensor,
@@ -50,18 +50,17 @@ def gathered_attention_naive(
     local_ranges: torch.Tensor,
     cur_k: torch.Tensor | None,
     cur_v: torch.Tensor | None,
-    softmax_scale: float,
-    return_stats: bool,
     slot_delta: torch.Tensor | None = None,
     rope_theta: float = 10000.0,
     pool_k_scale: torch.Tensor | None = None,
     pool_v_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, SinkAttnStats | None]:
-    B, Sq, H, D = q.shape
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every key a query could attend, explicitly: ``(keys, values)`` fp32
+    ``(B, N, H, D)`` = [gathered slots, the whole local buffer, current keys], and the
+    ``(B, N)`` bool mask of those actually attended."""
+    B, _, H, D = q.shape
     P, S_e = pool_k.shape[:2]
     n = slot_idx.shape[1]
-    device = q.device
-
     slot_valid = slot_idx >= 0
     if P > 0 and n > 0:
         flat = slot_idx.clamp(min=0).long().reshape(-1)
@@ -88,10 +87,38 @@ def gathered_attention_naive(
     if cur_k is not None:
         parts_k.append(cur_k)
         parts_v.append(cur_v)
-        parts_m.append(torch.ones(B, cur_k.shape[1], dtype=torch.bool, device=device))
+        parts_m.append(torch.ones(B, cur_k.shape[1], dtype=torch.bool, device=q.device))
     keys = torch.cat([t.float() for t in parts_k], dim=1)
     vals = torch.cat([t.float() for t in parts_v], dim=1)
-    mask = torch.cat(parts_m, dim=1)[:, None, None, :]  # (B, 1, 1, N)
+    return keys, vals, torch.cat(parts_m, dim=1)
+
+
+def gathered_attention_naive(
+    q: torch.Tensor,
+    pool_k: torch.Tensor,
+    pool_v: torch.Tensor,
+    slot_idx: torch.Tensor,
+    local_k: torch.Tensor,
+    local_v: torch.Tensor,
+    local_ranges: torch.Tensor,
+    cur_k: torch.Tensor | None,
+    cur_v: torch.Tensor | None,
+    softmax_scale: float,
+    return_stats: bool,
+    slot_delta: torch.Tensor | None = None,
+    rope_theta: float = 10000.0,
+    pool_k_scale: torch.Tensor | None = None,
+    pool_v_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, SinkAttnStats | None]:
+    B, Sq, H, D = q.shape
+    S_e = pool_k.shape[1]
+    n = slot_idx.shape[1]
+    device = q.device
+    keys, vals, mask = gather_keys(
+        q, pool_k, pool_v, slot_idx, local_k, local_v, local_ranges, cur_k, cur_v,
+        slot_delta, rope_theta, pool_k_scale, pool_v_scale,
+    )  # fmt: skip
+    mask = mask[:, None, None, :]  # (B, 1, 1, N)
     n_keys = keys.shape[1]
     n_slot_keys = n * S_e
 

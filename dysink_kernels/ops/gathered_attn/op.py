@@ -27,7 +27,17 @@ register_backend(
     priority={"*": 0},
 )
 register_backend(
-    "gathered_attention",
+    OP_NAME,
+    "sdpa",
+    "dysink_kernels.ops.gathered_attn.sdpa:gathered_attention_sdpa",
+    available=lambda device: (
+        device.type == "cpu"
+        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    ),
+    priority={"cpu": 5},
+)
+register_backend(
+    OP_NAME,
     "triton",
     "dysink_kernels.ops.gathered_attn.triton:gathered_attention_triton",
     available=triton_available,
