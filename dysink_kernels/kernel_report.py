@@ -24,9 +24,7 @@ __all__ = ["SHARED_LIMIT", "KernelSpec", "check_report", "collect_specs", "compi
 # Modules that define aot_specs(arch); the small-op kernels add themselves here.
 SPEC_MODULES = [
     "dysink_kernels.ops.gathered_attn.triton",
-    "dysink_kernels.ops.select_sinks.triton",
-    "dysink_kernels.ops.sink_gate.triton",
-    "dysink_kernels.ops.bank_insert.triton",
+    "dysink_kernels.kernel_specs",
 ]
 
 # Shared memory a block may use (opt-in maximum), bytes.
@@ -46,6 +44,22 @@ class KernelSpec:
     config: dict = field(default_factory=dict)
     divisible: tuple[str, ...] = ()  # arguments known to be multiples of 16 (pointers too)
     needs_tensor_cores: bool = False
+
+
+def signature_for(
+    fn, pointers: dict[str, str], constexprs: dict, floats: tuple[str, ...] = ()
+) -> dict[str, str]:
+    """``triton.compile`` signature: the given pointer types, ``fp32`` for ``floats``,
+    ``constexpr`` for the constexprs, ``i32`` for every other argument."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+        else:
+            sig[name] = "fp32" if name in floats else "i32"
+    return sig
 
 
 def arch_number(arch: str | int) -> int:

@@ -1,0 +1,136 @@
+"""Ahead-of-time specs of the small per-block kernels, at the DESIGN 5 shape:
+B=1, 64 bank slots, F=1024 features, H=12, D=128, Sq=4680, a 23,400-key window,
+30 layers of 4,680-token entries in bf16. Block sizes follow each launcher, and the
+integer arguments take their production values so that the report sees what Triton
+specialises at run time (a value of 1 becomes a constant, multiples of 16 are
+marked divisible, pointers are 16-byte aligned)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .kernel_report import KernelSpec, signature_for
+from .ops.bank_insert import triton as ins
+from .ops.select_sinks import triton as sel
+from .ops.sink_gate import triton as gate
+
+B, P, F, M, K = 1, 64, 1024, 3, 2
+H, D, SQ, SK, S_E, LAYERS = 12, 128, 4680, 23400, 4680, 30
+
+
+def _strides(*shape: int) -> tuple[int, ...]:
+    return torch.empty(shape, device="meta").stride()
+
+
+def _spec(name, fn, pointers, constexprs, values, num_warps, config, floats=()):
+    """A spec whose int arguments take ``values``: 1 -> constant, 16k -> divisible."""
+    constexprs = dict(constexprs)
+    divisible = list(pointers)
+    for arg, value in values.items():
+        if value == 1:
+            constexprs[arg] = 1
+        elif value % 16 == 0:
+            divisible.append(arg)
+    return KernelSpec(
+        name=name, fn=fn, signature=signature_for(fn, pointers, constexprs, floats),
+        constexprs=constexprs, num_warps=num_warps, num_stages=3, config=config,
+        divisible=tuple(divisible),
+    )  # fmt: skip
+
+
+def _named(names: str, values) -> dict[str, int]:
+    return dict(zip(names.split(), values))
+
+
+def aot_specs(arch: int) -> list[KernelSpec]:
+    specs = []
+    block_p = min(triton.next_power_of_2(P), sel.MAX_BLOCK_P)
+    block_f = min(triton.next_power_of_2(F), max(sel.TILE_ELEMS // block_p, 1))
+    values = _named(
+        "M F P k sink_frames stride_qb stride_qm stride_qf stride_sp stride_sf stride_owner "
+        "stride_frame stride_lo stride_hi stride_ob stride_ok stride_cb stride_ck",
+        (M, F, P, K, 0, *_strides(B, M, F), *_strides(P, F), 1, 1, 1, 1, *_strides(B, K),
+         *_strides(B, K)),
+    )  # fmt: skip
+    specs.append(_spec(
+        "select_sinks", sel._select_sinks_fwd,
+        {"qf_ptr": "*fp32", "sf_ptr": "*fp32", "owner_ptr": "*i32", "frame_ptr": "*i32",
+         "lo_ptr": "*i32", "hi_ptr": "*i32", "slot_out_ptr": "*i32", "score_out_ptr": "*fp32"},
+        dict(NORM_EPS=sel.NORM_EPS, BLOCK_M=triton.next_power_of_2(M), BLOCK_F=block_f,
+             BLOCK_P=block_p, BLOCK_K=triton.next_power_of_2(K)),
+        values, sel.NUM_WARPS, {"P": P, "F": F, "k": K},
+    ))  # fmt: skip
+
+    nq, nk = gate._split_rows(SQ, SK, B, H)
+    rows_q, rows_k = -(-SQ // nq), -(-SK // nk)
+    part = _strides(B, nq + nk, H, D)
+    values = _named(
+        "Sq D NQ rows_q rows_k stride_qb stride_qs stride_qh stride_qd stride_kb stride_ks "
+        "stride_kh stride_kd stride_klen stride_pb stride_pc stride_ph",
+        (SQ, D, nq, rows_q, rows_k, *_strides(B, SQ, H, D), *_strides(B, SK, H, D), 1,
+         *part[:3]),
+    )  # fmt: skip
+    specs.append(_spec(
+        "sink_gate.row_sums", gate._row_sums_fwd,
+        {"q_ptr": "*bf16", "k_ptr": "*bf16", "k_len_ptr": "*i32", "part_ptr": "*fp32"},
+        dict(BLOCK_S=gate.BLOCK_S, BLOCK_D=D, STAGES=gate.SUM_STAGES),
+        values, gate.NUM_WARPS, {"Sq": SQ, "Sk": SK, "H": H, "D": D, "dtype": "bf16"},
+    ))  # fmt: skip
+    block_c = triton.next_power_of_2(max(nq, nk))
+    block_n, block_h = triton.next_power_of_2(K), triton.next_power_of_2(H)
+    block_d = min(triton.next_power_of_2(D), max(gate.VOTE_TILE_ELEMS // (block_n * block_h), 1))
+    block_hd = min(triton.next_power_of_2(H * D), max(gate.VOTE_TILE_ELEMS // block_c, 1))
+    means = _strides(B, 2, H, D)
+    values = _named(
+        "B H D P n NQ NK q_count stride_pb stride_pc stride_qb stride_qh stride_qd stride_kb "
+        "stride_kh stride_kd stride_qk stride_klen stride_mp stride_mh stride_md stride_ib "
+        "stride_in stride_ob stride_on stride_rb stride_rn",
+        (B, H, D, P, K, nq, nk, SQ, part[0], part[1], means[0], means[2], means[3], means[0],
+         means[2], means[3], H * D, 1, *_strides(P, H, D), *_strides(B, K), *_strides(B, K),
+         *_strides(B, K)),
+    )  # fmt: skip
+    specs.append(_spec(
+        "sink_gate.vote", gate._gate_vote_fwd,
+        {"part_ptr": "*fp32", "qm_ptr": "*fp32", "km_ptr": "*fp32", "k_len_ptr": "*i32",
+         "mk_ptr": "*fp32", "idx_ptr": "*i32", "kept_ptr": "*i32", "ratio_ptr": "*fp32"},
+        dict(FROM_SUMS=True, SCOPE_BATCH=True, BLOCK_C=block_c, BLOCK_HD=block_hd,
+             BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_D=block_d),
+        values, gate.VOTE_NUM_WARPS, {"n": K, "H": H, "D": D, "scope": "batch"},
+        floats=("tau",),
+    ))  # fmt: skip
+
+    block_cs = min(triton.next_power_of_2(P), ins.MAX_BLOCK_C)
+    block_fs = min(triton.next_power_of_2(F), max(ins.DECIDE_TILE_ELEMS // block_cs, 1))
+    values = _named(
+        "F C limit stride_fb stride_ff stride_sp stride_sf stride_owner stride_frame stride_stamp",
+        (F, P, P, *_strides(B, F), *_strides(B * P, F), 1, 1, 1),
+    )
+    specs.append(_spec(
+        "bank_insert.choose", ins._choose_slot_fwd,
+        {"feat_ptr": "*fp32", "sfeat_ptr": "*fp32", "owner_ptr": "*i32", "frame_ptr": "*i32",
+         "stamp_ptr": "*i64", "clock_ptr": "*i64", "new_frame_ptr": "*i64",
+         "store_ptr": "*i8", "slot_ptr": "*i64"},
+        dict(HAS_DEDUP=True, NORM_EPS=ins.NORM_EPS, BLOCK_C=block_cs, BLOCK_F=block_fs),
+        values, ins.NUM_WARPS, {"slots": P, "F": F}, floats=("dedup",),
+    ))  # fmt: skip
+    ring = 12 * 1560  # the window ring of the reference config, tokens
+    src = _strides(LAYERS, B, ring, H, D)
+    pool = _strides(LAYERS, B * P, S_E, H, D)
+    values = _named(
+        "B S_e D stride_skl stride_skb stride_skn stride_skh stride_skd stride_svl stride_svb "
+        "stride_svn stride_svh stride_svd stride_pos stride_pkl stride_pkp stride_pkt "
+        "stride_pkh stride_pkd stride_pvl stride_pvp stride_pvt stride_pvh stride_pvd "
+        "stride_ml stride_mp stride_mh stride_md",
+        (B, S_E, D, *src, *src, 1, *pool, *pool, *_strides(LAYERS, B * P, H, D)),
+    )
+    specs.append(_spec(
+        "bank_insert.copy", ins._copy_block_fwd,
+        {"src_k_ptr": "*bf16", "src_v_ptr": "*bf16", "pos_ptr": "*i64", "pool_k_ptr": "*bf16",
+         "pool_v_ptr": "*bf16", "mean_ptr": "*fp32", "store_ptr": "*i8", "slot_ptr": "*i64",
+         "clock_ptr": "*i64"},
+        dict(BLOCK_T=ins.BLOCK_T, BLOCK_D=D),
+        values, ins.COPY_NUM_WARPS,
+        {"layers": LAYERS, "tokens": S_E, "H": H, "D": D, "dtype": "bf16"},
+    ))  # fmt: skip
+    return specs
