@@ -7,7 +7,7 @@ backends (Triton, the C++/CUDA extension) load on first use.
 from ._registry import available_backends
 from ._version import __version__
 from .bank import FrameBank
-from .cache import DySinkCache, SinkLayerStats
+from .cache import AnomalyStats, DySinkCache, SinkLayerStats
 from .config import DySinkConfig
 from .ops import (
     SinkAttnStats,
@@ -21,6 +21,7 @@ from .ops.rope import wan_rope_angles, wan_rope_axis_pairs, wan_rope_freqs
 from .sink_attention import SinkAttention
 
 __all__ = [
+    "AnomalyStats",
     "DySinkCache",
     "DySinkConfig",
     "FrameBank",

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .bank import FrameBank
-from .cache import DySinkCache, SinkLayerStats
+from .cache import AnomalyStats, DySinkCache, SinkLayerStats
 from .config import DySinkConfig
 from .ops import (
     SinkAttnStats,
@@ -23,6 +23,7 @@ from .ops import (
 )
 
 __all__ = [
+    "AnomalyStats",
     "DySinkCache",
     "DySinkConfig",
     "FrameBank",
