@@ -712,7 +712,8 @@ def concat_kv(inp: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
     H, D = inp["k"].shape[2:]
     gk = inp["pool_k"].index_select(0, idx).reshape(B, -1, H, D)
     gv = inp["pool_v"].index_select(0, idx).reshape(B, -1, H, D)
-    return torch.cat([gk, inp["k"]], dim=1), torch.cat([gv, inp["v"]], dim=1)
+    # ok: host (the baseline concatenates, as the published code does)
+    return torch.cat([gk, inp["k"]], dim=1), torch.cat([gv, inp["v"]], dim=1)  # ok: host
 
 
 def sdpa_bshd(

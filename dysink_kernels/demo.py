@@ -143,7 +143,7 @@ def run_demo(
         if feature == "external":
             # Stand-in for a vision encoder: a fixed projection of the block's
             # latents, centred on the running mean so that scenes stand apart.
-            pooled = x0.float().mean(dim=1).flatten(1).cpu()  # (B, tokens*channels)
+            pooled = x0.float().mean(dim=1).flatten(1).cpu()  # ok: host (demo's stand-in encoder)
             seen.append(pooled)
             centre = torch.stack(seen).mean(dim=0)
             feat = ((pooled - centre) @ encoder.T).to(dev)
@@ -275,7 +275,7 @@ def run_wan_demo(
     def feature_fn(x0: torch.Tensor) -> torch.Tensor:
         # Stand-in for a vision encoder, as in run_demo: a fixed projection of the
         # block's latents, centred on the running mean.
-        pooled = x0.float().mean(dim=2).flatten(1).cpu()
+        pooled = x0.float().mean(dim=2).flatten(1).cpu()  # ok: host (demo's stand-in encoder)
         seen.append(pooled)
         centre = torch.stack(seen).mean(dim=0)
         return ((pooled - centre) @ encoder.T).to(dev)

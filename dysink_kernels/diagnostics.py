@@ -31,7 +31,7 @@ __all__ = ["plot_rope_diagnostic", "rope_diagnostic"]
 def _attend_stats(q, k_sink, k_win):
     """Per-head sink mass, inter-head similarity and the gate's ratio."""
     H, D = q.shape[-2:]
-    keys = torch.cat([k_sink, k_win], dim=0)  # (N, H, D)
+    keys = torch.cat([k_sink, k_win], dim=0)  # ok: host (offline diagnostic)
     scores = torch.einsum("qhd,khd->hqk", q, keys) / D**0.5
     p = torch.softmax(scores, dim=-1)
     n_sink = k_sink.shape[0]
@@ -83,7 +83,8 @@ def rope_diagnostic(
     for key in ("mass_mean", "mass_std", "similarity", "gate_ratio"):
         out[f"original_{key}"] = []
         out[f"relative_{key}"] = []
-    for d in torch.linspace(fixed, max_distance, points).round().long().tolist():
+    distances = torch.linspace(fixed, max_distance, points).round().long()
+    for d in distances.tolist():  # ok: host (offline diagnostic)
         k_orig = apply_wan_rope(sink_content, (fpb, h, w), (cur - d, 0, 0))[0]
         mass, sim, ratio = _attend_stats(q, k_orig, win)
         out["distance"].append(d)

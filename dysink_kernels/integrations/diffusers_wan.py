@@ -115,7 +115,7 @@ def _check_rope(transformer: Any, head_dim: int) -> None:
     if table is None or table.shape[0] < 2:
         return
     w_t = wan_rope_freqs(head_dim, WAN_ROPE_THETA)[0]
-    got = table[1, : rope.t_dim : 2].detach().double().cpu()
+    got = table[1, : rope.t_dim : 2].detach().double().cpu()  # ok: host (once, at enable)
     atol = 1e-3 if table.dtype in (torch.float32, torch.float64) else 2e-2  # tables cast by .to()
     if not torch.allclose(got, torch.sin(w_t), atol=atol):
         raise ValueError("the model's temporal RoPE frequencies differ from Wan's theta=10000")
@@ -327,7 +327,8 @@ def _randn_like(
         return torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
     if len(generator) != x.shape[0]:
         raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
-    return torch.cat([_randn_like(x[i : i + 1], g) for i, g in enumerate(generator)])
+    noise = [_randn_like(x[i : i + 1], g) for i, g in enumerate(generator)]
+    return torch.cat(noise)  # ok: host (sampler noise per sample, not a cache)
 
 
 def _to_cache_latent(x: torch.Tensor, frames_per_block: int) -> torch.Tensor:
