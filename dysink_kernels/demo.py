@@ -49,6 +49,59 @@ def _scene_schedule(n_blocks: int, n_scenes: int, seed: int) -> list[int]:
     return out[:n_blocks]
 
 
+def _progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar, or None when disabled or tqdm is missing (it is optional)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="block", leave=False)
+
+
+def _block_record(
+    cache: DySinkCache,
+    block: int,
+    scene: int,
+    retrieved: list[int],
+    window_frames: int,
+    calls: list[tuple[torch.Tensor, torch.Tensor]],
+    stored: torch.Tensor,
+    recached: int | None,
+) -> dict:
+    """One block's line of the demo from the (slot_idx, kept_idx) of its denoising calls
+    (sample 0). Reads values back to the host: reporting, not the per-block path."""
+    cfg = cache.config
+    entropy = [
+        float(cache.stats(ly).attn.entropy.mean())  # ok: host (demo reporting)
+        for ly in range(cfg.num_layers)
+        if cache.stats(ly).attn is not None
+    ]
+    slots = [s for s, _ in calls]
+    kept = [k for _, k in calls]
+    per_entry = []
+    for j, frame in enumerate(retrieved):
+        if frame >= 0:
+            drops = sum(int(k[0, j] < 0) for k in kept)
+            per_entry.append({"frame": frame, "kept_fraction": 1 - drops / max(len(kept), 1)})
+    first = block * cfg.frames_per_block
+    return {
+        "block": block,
+        "frame": first,
+        "window_start": first - window_frames,
+        "scene": scene,
+        "retrieved": [f for f in retrieved if f >= 0],
+        "entries": per_entry,
+        "gated": sum(int(((s[0] >= 0) & (k[0] < 0)).sum()) for s, k in zip(slots, kept)),
+        "gate_decisions": sum(int((s[0] >= 0).sum()) for s in slots),
+        "bank_size": int(cache.bank_size()[0]),  # ok: host (demo reporting)
+        "stored": bool(stored[0]),  # ok: host (demo reporting)
+        "mean_entropy": sum(entropy) / len(entropy) if entropy else None,
+        "recached": recached,
+    }
+
+
 def run_demo(
     blocks: int = 24,
     layers: int = 4,
@@ -108,14 +161,7 @@ def run_demo(
         return out
 
     result = DemoResult(config=cfg.to_dict(), device=str(dev), backend=backend)
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=blocks, desc="dysink demo", unit="block", leave=False)
-        except ImportError:  # the progress bar is optional
-            bar = None
+    bar = _progress_bar(blocks, "dysink demo", progress)
     start = time.perf_counter()
     for i in range(blocks):
         calls.clear()
@@ -147,37 +193,11 @@ def run_demo(
             seen.append(pooled)
             centre = torch.stack(seen).mean(dim=0)
             feat = ((pooled - centre) @ encoder.T).to(dev)
-        entropy = [
-            float(cache.stats(ly).attn.entropy.mean())  # ok: host (demo reporting)
-            for ly in range(layers)
-            if cache.stats(ly).attn is not None
-        ]
         latent = x0 if switch_at else None
-        stored = bool(cache.end_block(feat, latent=latent)[0])  # ok: host (demo reporting)
-        slots = [s for s, _ in calls]
-        kept = [k for _, k in calls]
-        listed = sum(int((s[0] >= 0).sum()) for s in slots)
-        gated = sum(int(((s[0] >= 0) & (k[0] < 0)).sum()) for s, k in zip(slots, kept))
-        per_entry = []
-        for j, frame in enumerate(retrieved):
-            if frame < 0:
-                continue
-            drops = sum(int(k[0, j] < 0) for k in kept)
-            per_entry.append({"frame": frame, "kept_fraction": 1 - drops / max(len(kept), 1)})
-        record = {
-            "block": i,
-            "frame": i * cfg.frames_per_block,
-            "window_start": i * cfg.frames_per_block - window_frames,
-            "scene": schedule[i],
-            "retrieved": [f for f in retrieved if f >= 0],
-            "entries": per_entry,
-            "gated": gated,
-            "gate_decisions": listed,
-            "bank_size": int(cache.bank_size()[0]),  # ok: host (demo reporting)
-            "stored": stored,
-            "mean_entropy": sum(entropy) / len(entropy) if entropy else None,
-            "recached": recached,
-        }
+        stored = cache.end_block(feat, latent=latent)
+        record = _block_record(
+            cache, i, schedule[i], retrieved, window_frames, calls, stored, recached
+        )
         result.blocks.append(record)
         if on_block is not None:
             on_block(record)
@@ -281,43 +301,13 @@ def run_wan_demo(
         return ((pooled - centre) @ encoder.T).to(dev)
 
     result = DemoResult(config=cfg.to_dict(), device=str(dev), backend=backend)
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=blocks, desc="dysink wan-tiny demo", unit="block", leave=False)
-        except ImportError:  # the progress bar is optional
-            bar = None
+    bar = _progress_bar(blocks, "dysink wan-tiny demo", progress)
 
     def record_block(i: int, x0: torch.Tensor, stored: torch.Tensor) -> None:
-        entropy = [
-            float(cache.stats(ly).attn.entropy.mean())  # ok: host (demo reporting)
-            for ly in range(layers)
-            if cache.stats(ly).attn is not None
-        ]
-        slots = [s for s, _ in calls]
-        kept = [k for _, k in calls]
-        retrieved = window.get("retrieved", [])
-        per_entry = []
-        for j, frame in enumerate(retrieved):
-            if frame >= 0:
-                drops = sum(int(k[0, j] < 0) for k in kept)
-                per_entry.append({"frame": frame, "kept_fraction": 1 - drops / max(len(kept), 1)})
-        record = {
-            "block": i,
-            "frame": i * cfg.frames_per_block,
-            "window_start": i * cfg.frames_per_block - window.get("frames", 0),
-            "scene": schedule[i],
-            "retrieved": [f for f in retrieved if f >= 0],
-            "entries": per_entry,
-            "gated": sum(int(((s[0] >= 0) & (k[0] < 0)).sum()) for s, k in zip(slots, kept)),
-            "gate_decisions": sum(int((s[0] >= 0).sum()) for s in slots),
-            "bank_size": int(cache.bank_size()[0]),  # ok: host (demo reporting)
-            "stored": bool(stored[0]),  # ok: host (demo reporting)
-            "mean_entropy": sum(entropy) / len(entropy) if entropy else None,
-            "recached": window.get("recached"),
-        }
+        record = _block_record(
+            cache, i, schedule[i], window.get("retrieved", []), window.get("frames", 0), calls,
+            stored, window.get("recached"),
+        )  # fmt: skip
         calls.clear()
         window.clear()
         result.blocks.append(record)
