@@ -22,7 +22,7 @@ def _write(line: str) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import format_block, run_demo, run_wan_demo, write_outputs
+    from .tools.demo import format_block, run_demo, run_wan_demo, write_outputs
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     if args.threads:
@@ -102,7 +102,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_kernels(args: argparse.Namespace) -> int:
-    from .kernel_report import check_report, compile_report, format_table
+    from .tools.kernel_report import check_report, compile_report, format_table
 
     rows = compile_report(args.arch)
     if args.json:
@@ -128,7 +128,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_rope_diagnostic(args: argparse.Namespace) -> int:
-    from .diagnostics import plot_rope_diagnostic, rope_diagnostic
+    from .tools.diagnostics import plot_rope_diagnostic, rope_diagnostic
 
     result = rope_diagnostic(
         max_distance=args.max_distance, points=args.points, heads=args.heads,

@@ -53,7 +53,7 @@ from .bank import FrameBank
 from .cache import DySinkCache
 from .config import DySinkConfig
 from .fp8 import quantize
-from .ops.gathered_attn import gathered_attention, gathered_sink_attention
+from .ops.gathered_sink_attention import gathered_attention, gathered_sink_attention
 from .ops.select_sinks import select_sinks
 from .ops.sink_gate import gate_from_means, sink_gate
 from .sink_attention import SinkAttention
@@ -364,7 +364,7 @@ class AttnShape:
         return f"B={self.batch} Sq={self.sq} H={self.heads} D={self.head_dim} Sk={keys}"
 
     def flops(self) -> float:
-        """``4 * B * H * Sq * Sk * D`` (QK^T and PV), as ``ops.gathered_attn.triton.flops``."""
+        """``4 * B * H * Sq * Sk * D`` (QK^T and PV), as the Triton module's ``flops``."""
         return 4.0 * self.batch * self.heads * self.sq * self.n_keys * self.head_dim
 
     def io_bytes(self) -> int:
@@ -905,7 +905,7 @@ def config_scan(
     head dim, with and without statistics (``_AUTOTUNE_CANDIDATES``)."""
     import triton as _triton
 
-    from .ops.gathered_attn import triton as tri
+    from .ops.gathered_sink_attention import triton as tri
 
     shape = plan.attn
     block_d = max(16, _triton.next_power_of_2(shape.head_dim))

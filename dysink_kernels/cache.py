@@ -25,7 +25,7 @@ from ._validate import canonical_device, check_dim, check_tensor, dtype_name
 from .bank import FrameBank
 from .config import DySinkConfig
 from .fp8 import FP8_DTYPE
-from .ops.gathered_attn import SinkAttnStats, gathered_attention
+from .ops.gathered_sink_attention import SinkAttnStats, gathered_attention
 from .ops.rope import rotate_temporal
 from .ops.select_sinks import select_sinks_impl
 from .ops.select_sinks.naive import select_sinks_naive

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from dysink_kernels import DySinkCache, DySinkConfig, SinkAttention
-from dysink_kernels.models import TinyVideoDiT, generate_block
+from dysink_kernels.tools.models import TinyVideoDiT, generate_block
 
 from reference_pipeline import ReferencePipeline
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from dysink_kernels._backends import triton_installed
-from dysink_kernels.kernel_report import check_report
+from dysink_kernels.tools.kernel_report import check_report
 
 pytestmark = pytest.mark.skipif(not triton_installed(), reason="triton is not installed")
 

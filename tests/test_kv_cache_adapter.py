@@ -10,7 +10,7 @@ from dysink_kernels.integrations.kv_cache_adapter import (
     KVCacheAdapter,
     dysink_cache_from_kv_cache,
 )
-from dysink_kernels.models import TinyVideoDiT, generate_block
+from dysink_kernels.tools.models import TinyVideoDiT, generate_block
 
 LAYERS, HEADS, HEAD_DIM, GRID, T = 2, 2, 16, (2, 4), 8  # T: tokens per frame
 FEAT_DIM = 12

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dysink_kernels.models import TinyVideoDiT
+from dysink_kernels.tools.models import TinyVideoDiT
 
 from harness import (
     GRID,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dysink_kernels import DySinkCache, SinkAttention
-from dysink_kernels.models import TinyVideoDiT, generate_block
+from dysink_kernels.tools.models import TinyVideoDiT, generate_block
 
 from harness import GRID, features, tiny_config
 from reference_pipeline import ReferencePipeline

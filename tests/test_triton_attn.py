@@ -7,7 +7,7 @@ import torch
 
 from dysink_kernels import gathered_sink_attention
 from dysink_kernels._backends import triton_available
-from dysink_kernels.ops.gathered_attn import gathered_attention
+from dysink_kernels.ops.gathered_sink_attention import gathered_attention
 
 pytestmark = pytest.mark.skipif(
     not triton_available(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
@@ -20,7 +20,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 @pytest.fixture(autouse=True)
 def nan_outputs(monkeypatch):
     """Every output buffer the kernel writes starts as NaN: an unwritten element fails."""
-    from dysink_kernels.ops.gathered_attn import triton as tmod
+    from dysink_kernels.ops.gathered_sink_attention import triton as tmod
 
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)

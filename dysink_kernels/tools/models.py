@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .ops.rope import apply_wan_rope
+from ..ops.rope import apply_wan_rope
 
 __all__ = ["AttendFn", "TinyVideoDiT", "generate_block"]
 

@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from .ops.rope import apply_wan_rope
+from ..ops.rope import apply_wan_rope
 
 __all__ = ["plot_rope_diagnostic", "rope_diagnostic"]
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 import triton
 
+from ..ops.bank_insert import triton as ins
+from ..ops.gathered_sink_attention import triton as att
+from ..ops.select_sinks import triton as sel
+from ..ops.sink_gate import triton as gate
 from .kernel_report import KernelSpec, signature_for
-from .ops.bank_insert import triton as ins
-from .ops.select_sinks import triton as sel
-from .ops.sink_gate import triton as gate
 
 B, P, F, M, K = 1, 64, 1024, 3, 2
 H, D, SQ, SK, S_E, LAYERS = 12, 128, 4680, 23400, 4680, 30
@@ -44,7 +45,8 @@ def _named(names: str, values) -> dict[str, int]:
 
 
 def aot_specs(arch: int) -> list[KernelSpec]:
-    specs = []
+    """Every Triton kernel of the package at its production configurations."""
+    specs = gathered_attention_specs(arch)
     block_p = min(triton.next_power_of_2(P), sel.MAX_BLOCK_P)
     block_f = min(triton.next_power_of_2(F), max(sel.TILE_ELEMS // block_p, 1))
     values = _named(
@@ -133,4 +135,66 @@ def aot_specs(arch: int) -> list[KernelSpec]:
         values, ins.COPY_NUM_WARPS,
         {"layers": LAYERS, "tokens": S_E, "H": H, "D": D, "dtype": "bf16"},
     ))  # fmt: skip
+    return specs
+
+
+# ----------------------------------------------------------------------------- AOT report
+_CONSTEXPRS = ("D", "N_RANGES", "HAS_CUR", "STATS", "ROTATE", "QUANT", "N_SLOTS", "N_SEGS",
+               "ALIGN", "BLOCK_M", "BLOCK_N", "BLOCK_D", "PRECISION")  # fmt: skip
+_TENSORS = ("Q", "PK", "PV", "LK", "LV", "CK", "CV", "OUT")
+
+
+def gathered_attention_specs(arch: int, head_dim: int = 128, dtype: str = "bf16") -> list:
+    """Production configurations for the kernel report: the module's call (3 local
+    ranges + current keys) and the public op's (1 range), with and without stats."""
+    cfg = att.pick_config(torch.device("cuda"), head_dim, arch=arch // 10)
+    sig = {}
+    for name in att._gathered_attn_fwd.arg_names:
+        if name in _TENSORS:
+            sig[name] = f"*{dtype}"
+        elif name in ("SLOT", "RANGES"):
+            sig[name] = "*i32"
+        elif name in ("LSE", "ENT", "MASS", "ROT_COS", "ROT_SIN", "K_SCALE", "V_SCALE"):
+            sig[name] = "*fp32"
+        elif name in _CONSTEXPRS:
+            sig[name] = "constexpr"
+        else:
+            sig[name] = "fp32" if name == "qk_scale" else "i32"
+    # Pointers are 16-byte aligned and strides of (tokens, heads, dim) tensors with
+    # H * D a multiple of 16 are multiples of 16, as Triton specialises at run time.
+    divisible = tuple(
+        n
+        for n in att._gathered_attn_fwd.arg_names
+        if n in _TENSORS or n in ("LSE", "ENT", "MASS") or
+        (n.startswith("stride") and n not in ("stride_sn", "stride_rr", "stride_sb", "stride_rb",
+                                              "stride_rotb", "stride_rotn", "stride_scp"))
+    )  # fmt: skip
+    specs = []
+    variants = [
+        ("module", 3, True, False, False, False), ("module+stats", 3, True, True, False, False),
+        ("op", 1, False, False, False, False), ("op+stats", 1, False, True, False, False),
+        ("module+stats+rotate", 3, True, True, True, False),
+        ("module+stats+fp8", 3, True, True, False, True),
+    ]  # fmt: skip
+    for label, n_ranges, has_cur, stats, rotate, quant in variants:
+        variant_sig = dict(sig, PK="*u8", PV="*u8") if quant else sig
+        const = dict(
+            D=head_dim, N_RANGES=n_ranges, HAS_CUR=has_cur, STATS=stats, ROTATE=rotate,
+            QUANT=quant, N_SLOTS=2,
+            N_SEGS=att._n_segs(2, n_ranges), ALIGN=att._ALIGN_ELEMS,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_dim, PRECISION="tf32",
+        )  # fmt: skip
+        specs.append(
+            KernelSpec(
+                name=f"gathered_attn[{label}]",
+                fn=att._gathered_attn_fwd,
+                signature=variant_sig,
+                constexprs=const,
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+                config={"D": head_dim, "dtype": dtype, **cfg.as_dict()},
+                divisible=divisible,
+                needs_tensor_cores=True,
+            )
+        )
     return specs

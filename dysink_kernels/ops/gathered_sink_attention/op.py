@@ -23,13 +23,13 @@ OP_NAME = "gathered_attention"
 register_backend(
     OP_NAME,
     "naive",
-    "dysink_kernels.ops.gathered_attn.naive:gathered_attention_naive",
+    "dysink_kernels.ops.gathered_sink_attention.naive:gathered_attention_naive",
     priority={"*": 0},
 )
 register_backend(
     OP_NAME,
     "sdpa",
-    "dysink_kernels.ops.gathered_attn.sdpa:gathered_attention_sdpa",
+    "dysink_kernels.ops.gathered_sink_attention.sdpa:gathered_attention_sdpa",
     available=lambda device: (
         device.type == "cpu"
         and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
@@ -39,7 +39,7 @@ register_backend(
 register_backend(
     OP_NAME,
     "triton",
-    "dysink_kernels.ops.gathered_attn.triton:gathered_attention_triton",
+    "dysink_kernels.ops.gathered_sink_attention.triton:gathered_attention_triton",
     available=triton_available,
     priority={"cuda": 10},
 )

@@ -21,11 +21,8 @@ from dataclasses import dataclass, field
 
 __all__ = ["SHARED_LIMIT", "KernelSpec", "check_report", "collect_specs", "compile_report"]
 
-# Modules that define aot_specs(arch); the small-op kernels add themselves here.
-SPEC_MODULES = [
-    "dysink_kernels.ops.gathered_attn.triton",
-    "dysink_kernels.kernel_specs",
-]
+# Modules that define aot_specs(arch).
+SPEC_MODULES = ["dysink_kernels.tools.kernel_specs"]
 
 # Shared memory a block may use (opt-in maximum), bytes.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import DySinkCache
-from .config import DySinkConfig
+from ..cache import DySinkCache
+from ..config import DySinkConfig
+from ..sink_attention import SinkAttention
 from .models import TinyVideoDiT, generate_block
-from .sink_attention import SinkAttention
 
 __all__ = ["DemoResult", "run_demo", "run_wan_demo"]
 
@@ -238,7 +238,7 @@ def run_wan_demo(
     """
     from diffusers import WanTransformer3DModel
 
-    from .integrations.diffusers_wan import (
+    from ..integrations.diffusers_wan import (
         dysink_config_for,
         enable_dysink,
         generate_video,
