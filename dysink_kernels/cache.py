@@ -25,12 +25,12 @@ from ._validate import canonical_device, check_dim, check_tensor, dtype_name
 from .bank import FrameBank
 from .config import DySinkConfig
 from .fp8 import FP8_DTYPE
+from .gating import AnomalyStats, AnomalyTracker, SinkGate
 from .ops.gathered_sink_attention import SinkAttnStats, gathered_attention
 from .ops.rope import rotate_temporal
 from .ops.select_sinks import select_sinks_impl
 from .ops.select_sinks.naive import select_sinks_naive
-from .ops.sink_gate import gate_from_means
-from .ops.sink_gate.naive import decide_from_votes, gate_votes
+from .recache import Recacher
 
 if TYPE_CHECKING:
     from .distributed import HeadParallel
@@ -39,18 +39,6 @@ __all__ = ["DEFAULT_BANK_SLOTS", "AnomalyStats", "DySinkCache", "SinkLayerStats"
 
 DEFAULT_BANK_SLOTS = 32
 _N_RANGES = 3  # sinks, window part before the ring wraps, window part after
-
-
-class _RecacheTarget:
-    """Where the attention calls of one recache forward write: bank slots, or the
-    frames of one window block (all samples)."""
-
-    def __init__(self, slots=None, window_frames=None, window_first=0, samples=None) -> None:
-        self.slots: list[int] | None = slots
-        self.samples: list[int] = samples or []
-        self.window_frames: list[int] = window_frames or []
-        self.window_first = window_first
-        self.layers: set[int] = set()
 
 
 class _FeatureHealth:
@@ -89,30 +77,6 @@ class _FeatureHealth:
                 f"the feature of block {block} holds NaN or Inf for sample(s) {bad}: that block "
                 "was not stored in the bank and its feature is not used for retrieval"
             )
-
-
-class AnomalyStats(NamedTuple):
-    """Entropy-anomaly statistics of one layer (device tensors), for monitoring and for
-    ``gate_mode="entropy"``/``"both"``.
-
-    Attributes:
-        entropy: ``(B, H)`` mean attention entropy of each head in the last call (nats).
-        entropy_mean, entropy_std: ``(B, H)`` running (EMA) mean and std of it, after
-            the update with this call.
-        low_fraction: ``(B,)`` fraction of heads whose entropy fell below
-            ``mean - anomaly_z * std`` (before the update).
-        mass_mean, mass_cv: ``(B, top_k)`` mean over heads of each slot's attention mass
-            and its coefficient of variation across heads (small = homogenised heads).
-        drop_next: ``(B, top_k)`` slots the entropy gate drops in the next call.
-    """
-
-    entropy: torch.Tensor
-    entropy_mean: torch.Tensor
-    entropy_std: torch.Tensor
-    low_fraction: torch.Tensor
-    mass_mean: torch.Tensor
-    mass_cv: torch.Tensor
-    drop_next: torch.Tensor
 
 
 class SinkLayerStats(NamedTuple):
@@ -279,22 +243,15 @@ class DySinkCache:
         self._rot_mean_k = torch.zeros(Ly, B * k_, H, D, dtype=torch.float32, device=dev)
         self._rot_slots = torch.full((B, k_), -1, dtype=torch.int32, device=dev)
         # Entropy-anomaly statistics per layer and head (EMA over denoising calls).
-        self.ent_mean = torch.zeros(Ly, B, H, dtype=torch.float32, device=dev)
-        self.ent_var = torch.zeros(Ly, B, H, dtype=torch.float32, device=dev)
-        self.entropy_drop = torch.zeros(Ly, B, k_, dtype=torch.bool, device=dev)
-        self._ent_updates = [0] * Ly
-        self._anomaly: list[AnomalyStats | None] = [None] * Ly
+        self.anomaly_tracker = AnomalyTracker(c, B, dev)
+        self.gate = SinkGate(self)
 
         # Non-finite features are rejected on the device; the host learns of it
         # without waiting (see _FeatureHealth).
         self._health = _FeatureHealth(B, dev)
 
         # Latents for recache (allocated at the first end_block, once their shape is known).
-        self.store_latents = bool(store_latents)
-        self.bank_latent: torch.Tensor | None = None  # (P, fpb, ...)
-        self.window_latent: torch.Tensor | None = None  # (B, n_window_blocks, fpb, ...)
-        self._window_blocks = -(-R // c.frames_per_block) + 1 + c.sink_frames // c.frames_per_block
-        self._recache: _RecacheTarget | None = None
+        self.recacher = Recacher(self, store_latents)
 
         # Host bookkeeping (no device values).
         self.block = 0
@@ -397,7 +354,7 @@ class DySinkCache:
             self._prepare_slots(cur)
             if self.stager is not None:
                 self.stager.prefetch(self.slot_idx)
-        self.entropy_drop.fill_(False)
+        self.anomaly_tracker.drop.fill_(False)
 
         frames = cur + torch.arange(fpb, device=dev)
         slots = torch.where(frames < s, frames, s + (frames - s) % R)
@@ -419,8 +376,8 @@ class DySinkCache:
         commit: bool = False,
     ) -> torch.Tensor:
         """One attention call of ``layer`` for the current block (see :class:`SinkAttention`)."""
-        if self._recache is not None:
-            return self._recache_attend(layer, q, k, v)
+        if self.recacher.target is not None:
+            return self.recacher.attend(layer, q, k, v)
         if not self._in_block:
             raise RuntimeError("attention called outside a block: call cache.begin_block() first")
         self._check_qkv(layer, q, k, v)
@@ -437,7 +394,7 @@ class DySinkCache:
             self.window_tokens + k.shape[1]
         )[:, None, None]
 
-        kept, ratio, sink_ratio, sink_kept = self._gate(layer, qbar, kbar_local, commit)
+        kept, ratio, sink_ratio, sink_kept = self.gate(layer, qbar, kbar_local, commit)
         ranges = self.local_ranges
         if sink_kept is not None:
             ranges = ranges.clone()
@@ -462,7 +419,7 @@ class DySinkCache:
             pool_k_scale=k_scale, pool_v_scale=v_scale, backend=self.backend,
         )  # fmt: skip
         if attn_stats is not None and not commit and c.top_k > 0:
-            self._update_anomaly(layer, attn_stats)
+            self.anomaly_tracker.update(layer, attn_stats, self.slot_idx)
             self.bank.add_usage(kept, attn_stats.slot_mass.mean(dim=1))
 
         if commit:
@@ -475,69 +432,6 @@ class DySinkCache:
             attn_stats, self.slot_idx, kept, ratio, sink_ratio, sink_kept, commit
         )
         return out
-
-    def _gate(
-        self, layer: int, qbar: torch.Tensor, kbar_local: torch.Tensor, commit: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Gate the static-sink group and the retrieved slots of one call.
-
-        Returns ``(kept, ratio, sink_ratio, sink_kept)`` (sink entries ``None`` without
-        static sinks). With head parallelism the vote counts of all ranks are summed
-        by one all-reduce before the decisions.
-        """
-        c = self.config
-        B = self.batch_size
-        slots = self._no_slots if commit else self.slot_idx
-        gate_slots = c.gate and not commit and c.top_k > 0 and c.gate_mode != "entropy"
-        gate_sinks = c.gate and c.sink_frames > 0
-        # The consensus vote reads each slot's mean key as it is attended: turned by the
-        # re-positioning when sink_rope="relative" (rotation is linear).
-        if c.sink_rope == "relative" and gate_slots:
-            vote_slots, mean_table = self._rot_slots, self._rot_mean_k[layer]
-        else:
-            vote_slots, mean_table = slots, self.bank.mean_k[layer]
-        sink_mean = None
-        if gate_sinks:
-            sink_tokens = c.sink_frames * c.tokens_per_frame
-            sink_mean = self.frame_ksum[layer, :, : c.sink_frames].sum(dim=1) / sink_tokens
-
-        kept, ratio, ratio_s = slots, torch.zeros(B, slots.shape[1], device=self.device), None
-        if self.parallel is not None and (gate_slots or gate_sinks):
-            n = slots.shape[1] if gate_slots else 0
-            votes = torch.zeros(B, n + int(gate_sinks), device=self.device)
-            if gate_slots:
-                votes[:, :n] = gate_votes(qbar, kbar_local, mean_table, vote_slots)
-            if gate_sinks:
-                votes[:, n:] = gate_votes(qbar, kbar_local, sink_mean, self._sink_slots)
-            votes = self.parallel.all_reduce_sum(votes)
-            heads = self.parallel.total_heads
-            if gate_slots:
-                kept, ratio = decide_from_votes(votes[:, :n], slots, heads, c.tau, c.gate_scope)
-            if gate_sinks:
-                _, ratio_s = decide_from_votes(
-                    votes[:, n:], self._sink_slots, heads, c.tau, c.gate_scope
-                )
-        else:
-            if gate_slots:
-                kept, ratio = gate_from_means(
-                    qbar, kbar_local, mean_table, vote_slots, c.tau, c.gate_scope, self.backend
-                )
-            if gate_sinks:
-                _, ratio_s = gate_from_means(
-                    qbar, kbar_local, sink_mean, self._sink_slots, c.tau, c.gate_scope,
-                    self.backend,
-                )  # fmt: skip
-
-        if gate_slots:  # back from the vote's slot numbering to the bank's
-            kept = torch.where(kept >= 0, slots, -1).to(slots.dtype)
-        if c.gate and not commit and c.gate_mode in ("entropy", "both"):
-            kept = torch.where(self.entropy_drop[layer], -1, kept).to(slots.dtype)
-        if c.sink_frames == 0:
-            return kept, ratio, None, None
-        if ratio_s is None:
-            return kept, ratio, None, torch.ones(B, dtype=torch.bool, device=self.device)
-        sink_ratio = torch.where(self.sink_active, ratio_s[:, 0], 0.0)
-        return kept, ratio, sink_ratio, sink_ratio <= c.tau
 
     def _prepare_slots(self, cur: torch.Tensor) -> None:
         """Per-block state of the retrieved slots: re-positioning shifts and the
@@ -566,39 +460,9 @@ class DySinkCache:
         prior[torch.arange(B), torch.arange(B)] = own
         return prior.view(B, B * C)
 
-    def _update_anomaly(self, layer: int, attn: SinkAttnStats) -> None:
-        """Entropy-anomaly statistics after a denoising call; decides the entropy gate's
-        drops for the next call of this layer (all on the device)."""
-        c = self.config
-        ent = attn.entropy.mean(dim=-1)  # (B, H) per-head mean entropy
-        mass = attn.slot_mass  # (B, H, k)
-        mean, var = self.ent_mean[layer], self.ent_var[layer]
-        warm = self._ent_updates[layer] >= c.anomaly_warmup
-        std = var.clamp(min=0).sqrt()
-        low = (ent < mean - c.anomaly_z * std) & warm
-        low_fraction = low.float().mean(dim=1)  # (B,)
-        mass_mean = mass.mean(dim=1)  # (B, k)
-        mass_cv = mass.std(dim=1, unbiased=False) / mass_mean.clamp(min=1e-12)
-        draws = mass_mean > c.anomaly_min_mass
-        drop = draws & ((low_fraction > 0.5)[:, None] | (mass_cv < c.anomaly_min_cv))
-        self.entropy_drop[layer].copy_(drop & (self.slot_idx >= 0))
-        if self._ent_updates[layer] == 0:
-            mean.copy_(ent)
-            var.zero_()
-        else:
-            d = c.anomaly_decay
-            diff = ent - mean
-            mean.add_((1.0 - d) * diff)
-            var.mul_(d).add_(d * (1.0 - d) * diff * diff)
-        self._ent_updates[layer] += 1
-        self._anomaly[layer] = AnomalyStats(
-            ent, mean.clone(), var.clamp(min=0).sqrt(), low_fraction, mass_mean, mass_cv,
-            self.entropy_drop[layer].clone(),
-        )  # fmt: skip
-
     def anomaly(self, layer: int) -> AnomalyStats | None:
         """Entropy-anomaly statistics of ``layer`` after its last denoising call."""
-        return self._anomaly[layer]
+        return self.anomaly_tracker.last[layer]
 
     @torch.no_grad()
     def end_block(
@@ -638,7 +502,7 @@ class DySinkCache:
             if feature is not None:
                 raise ValueError('feature must be None when config.feature == "mean_key"')
             feat = self.block_mean_key()
-        self._check_latent(latent)
+        self.recacher.check_latent(latent)
         self._ensure_recent(feat.shape[1])
 
         self.bank.usage.mul_(c.usage_decay)
@@ -649,7 +513,7 @@ class DySinkCache:
         )  # fmt: skip
         self.last_stored.copy_(stored)
         if self.store_latents:
-            self._keep_latent(latent, stored, slot)
+            self.recacher.keep_latent(latent, stored, slot)
         finite = torch.isfinite(feat).all(dim=1)
         row = self.block % c.query_blocks
         self.recent_feat[:, row] = torch.where(finite[:, None], F.normalize(feat, dim=-1), 0.0)
@@ -661,154 +525,30 @@ class DySinkCache:
         self._health.raise_if_reported()
         return stored
 
-    # ------------------------------------------------------------------ recache
-    def _check_latent(self, latent: torch.Tensor | None) -> None:
-        if not self.store_latents:
-            if latent is not None:
-                raise ValueError("end_block got a latent but the cache has store_latents=False")
-            return
-        if latent is None:
-            raise ValueError("end_block needs latent=(B, frames_per_block, ...) with store_latents")
-        check_tensor(latent, "latent", latent.dim(), None, self.device)
-        fpb = self.config.frames_per_block
-        if latent.dim() < 2 or latent.shape[0] != self.batch_size or latent.shape[1] != fpb:
-            raise ValueError(
-                f"latent must be (B={self.batch_size}, frames_per_block={fpb}, ...), got "
-                f"{tuple(latent.shape)}"
-            )
-        if self.window_latent is not None and latent.shape[2:] != self.window_latent.shape[3:]:
-            raise ValueError(
-                f"latent frames are {tuple(latent.shape[2:])}, earlier blocks were "
-                f"{tuple(self.window_latent.shape[3:])}"
-            )
+    @property
+    def store_latents(self) -> bool:
+        """Whether each stored block's clean latent is kept for :meth:`recache`."""
+        return self.recacher.store_latents
 
-    def _keep_latent(self, latent: torch.Tensor, stored: torch.Tensor, slot: torch.Tensor) -> None:
-        if self.window_latent is None:
-            rest = latent.shape[1:]
-            self.window_latent = latent.new_zeros(self.batch_size, self._window_blocks, *rest)
-            self.bank_latent = latent.new_zeros(self.bank.num_slots, *rest)
-        self.window_latent[:, self._latent_row(self.block)] = latent
-        if self.bank.num_slots:
-            keep = stored.view(-1, *([1] * (latent.dim() - 1)))
-            old = self.bank_latent.index_select(0, slot)
-            self.bank_latent.index_copy_(0, slot, torch.where(keep, latent, old))
+    @property
+    def bank_latent(self) -> torch.Tensor | None:
+        """``(P, frames_per_block, ...)`` clean latent of each bank slot (``store_latents``)."""
+        return self.recacher.bank_latent
 
-    def _latent_row(self, block: int) -> int:
-        """Row of ``window_latent`` that holds ``block``: sink blocks keep their own rows,
-        later blocks share a ring of rows (enough for every block the window holds)."""
-        n_sink = self.config.sink_frames // self.config.frames_per_block
-        if block < n_sink:
-            return block
-        return n_sink + (block - n_sink) % (self._window_blocks - n_sink)
+    @property
+    def window_latent(self) -> torch.Tensor | None:
+        """``(B, window_blocks, frames_per_block, ...)`` latents of the window's blocks."""
+        return self.recacher.window_latent
 
-    def _held_frames(self) -> list[int]:
-        """Frames whose K/V the local buffer holds (sinks and the ring), known on the host."""
-        c = self.config
-        done = self.block * c.frames_per_block
-        ring = range(max(c.sink_frames, done - c.ring_frames), done)
-        return [*range(min(c.sink_frames, done)), *ring]
-
-    def _frame_slot(self, frame: int) -> int:
-        c = self.config
-        s = c.sink_frames
-        return frame if frame < s else s + (frame - s) % c.ring_frames
-
-    @torch.no_grad()
     def recache(self, run_block, batch: int = 1) -> int:
-        """Recompute stored K/V under a new prompt (interactive prompt switches).
-
-        For every stored block -- bank slots of every sample in frame order (``batch``
-        of them per call), then the window's blocks in frame order (all samples in one
-        call) -- calls ``run_block(latent, first_frame)``: the caller's clean forward at
-        t = 0 under the new prompt, whose attention calls (``attn(q, k, v, cache=cache,
-        layer=l, ...)``) each attend the block's own keys and overwrite that block's
-        K/V in place (slot or window position) instead of appending. Mean keys and
-        window key sums follow; features, frames, ownership and counters do not change.
-        ``latent`` is ``(n, frames_per_block, ...)``; ``first_frame`` is an int when all
-        rows share it (one slot, or a window block of every sample) and a list of ints,
-        one per row, when ``batch > 1`` slots are recached together.
-
-        Reads the bank's occupancy once on the host (a prompt switch is rare); nothing
-        inside a block's recache synchronises. Returns the number of blocks recached.
-        """
-        if self._in_block:
-            raise RuntimeError("recache between blocks: call end_block first")
-        if not self.store_latents:
-            raise RuntimeError(
-                "recache needs the blocks' latents: build the cache with store_latents=True "
-                "and pass end_block(latent=...)"
-            )
-        if self.window_latent is None:
-            return 0
-        c = self.config
-        owner = self.bank.owner.tolist()  # ok: host (once per prompt switch)
-        frames = self.bank.frame.tolist()  # ok: host (once per prompt switch)
-        slots = sorted((frames[p], p) for p in range(len(owner)) if owner[p] >= 0)
-        count = 0
-        for i in range(0, len(slots), max(1, batch)):
-            group = slots[i : i + max(1, batch)]
-            ids = [p for _, p in group]
-            idx = torch.tensor(ids, device=self.device)
-            latent = self.bank_latent.index_select(0, idx)
-            target = _RecacheTarget(slots=ids, samples=[owner[p] for p in ids])
-            self._run_recache(run_block, latent, [f for f, _ in group], target)
-            count += len(group)
-        fpb = c.frames_per_block
-        held = self._held_frames()
-        for first in sorted({f // fpb * fpb for f in held}):
-            latent = self.window_latent[:, self._latent_row(first // fpb)]
-            frames_held = [f for f in range(first, first + fpb) if f in held]
-            target = _RecacheTarget(
-                window_frames=frames_held, window_first=first, samples=list(range(self.batch_size))
-            )
-            self._run_recache(run_block, latent, [first], target)
-            count += 1
-        return count
+        """Recompute stored K/V under a new prompt; see :meth:`Recacher.run`."""
+        return self.recacher.run(run_block, batch)
 
     @property
     def recache_samples(self) -> list[int] | None:
         """During a ``recache`` call: the sample each row of the latent belongs to
         (to pick per-sample prompts); ``None`` otherwise."""
-        return None if self._recache is None else list(self._recache.samples)
-
-    def _run_recache(self, run_block, latent, first_frames, target) -> None:
-        self._recache = target
-        try:
-            run_block(latent, first_frames[0] if len(first_frames) == 1 else first_frames)
-        finally:
-            self._recache = None
-        missing = sorted(set(range(self.config.num_layers)) - target.layers)
-        if missing:
-            raise RuntimeError(f"recache: run_block made no attention call for layers {missing}")
-
-    def _recache_attend(self, layer, q, k, v) -> torch.Tensor:
-        c = self.config
-        t = self._recache
-        if layer in t.layers:
-            raise RuntimeError(f"recache: layer {layer} was called twice for one block")
-        if k.shape[1] != c.block_tokens:
-            raise ValueError(f"recache: k must hold one block ({c.block_tokens} tokens)")
-        n = k.shape[0]
-        none = torch.full((n, 0), -1, dtype=torch.int32, device=k.device)
-        empty = torch.zeros(n, 1, 2, dtype=torch.int32, device=k.device)
-        out, _ = gathered_attention(
-            q, self.bank.k[layer], self.bank.v[layer], none, k, v, empty, k, v,
-            softmax_scale=c.softmax_scale, backend=self.backend,
-        )  # fmt: skip
-        T = c.tokens_per_frame
-        if t.slots is not None:
-            for i, p in enumerate(t.slots):
-                self.bank.write_entry(layer, p, k[i], v[i])
-        else:
-            for f in t.window_frames:
-                i = f - t.window_first
-                pos = self._frame_slot(f)
-                rows = slice(pos * T, (pos + 1) * T)
-                self.local_k[layer][:, rows] = k[:, i * T : (i + 1) * T]
-                self.local_v[layer][:, rows] = v[:, i * T : (i + 1) * T]
-                self.frame_ksum[layer][:, pos] = k[:, i * T : (i + 1) * T].float().sum(dim=1)
-        t.layers.add(layer)
-        return out
+        return self.recacher.samples
 
     def block_mean_key(self) -> torch.Tensor:
         """``(B, H*D)`` L2-normalised mean keys of ``feature_layer`` over the committed block."""
@@ -856,9 +596,9 @@ class DySinkCache:
             "local_v": self.local_v,
             "frame_ksum": self.frame_ksum,
             "recent_feat": self.recent_feat,
-            "ent_mean": self.ent_mean,
-            "ent_var": self.ent_var,
-            "ent_updates": list(self._ent_updates),
+            "ent_mean": self.anomaly_tracker.mean,
+            "ent_var": self.anomaly_tracker.var,
+            "ent_updates": list(self.anomaly_tracker.updates),
             "bank": self.bank.state_dict(),
         }
 
@@ -884,9 +624,11 @@ class DySinkCache:
             if getattr(self, name).shape != state[name].shape:
                 raise ValueError(f"state {name!r} has shape {tuple(state[name].shape)}")
         self.bank.load_state_dict(state["bank"])
-        for name in ("local_k", "local_v", "frame_ksum", "frame_dev", "ent_mean", "ent_var"):
+        for name in ("local_k", "local_v", "frame_ksum", "frame_dev"):
             getattr(self, name).copy_(state[name])
-        self._ent_updates = list(state["ent_updates"])
+        self.anomaly_tracker.mean.copy_(state["ent_mean"])
+        self.anomaly_tracker.var.copy_(state["ent_var"])
+        self.anomaly_tracker.updates = list(state["ent_updates"])
         if state["recent_feat"] is None:
             self.recent_feat = None
         else:

@@ -30,7 +30,7 @@ def drive(cfg, batch, use_module: bool, switch: bool = True):
 
         def attend(layer, q, k, v, commit):
             out = attn(q, k, v, cache=state, layer=layer, commit=commit)
-            if state._recache is None:
+            if state.recacher.target is None:
                 frames = state.bank.frame.tolist()
                 kept = [
                     [frames[s] for s in row if s >= 0]
@@ -129,10 +129,10 @@ def test_recached_kv_match_fresh_clean_passes():
                 cache.bank.mean_k[layer, slot], store[layer][0].mean(0), atol=1e-5, rtol=1e-5
             )
     T = cfg.tokens_per_frame
-    for f in cache._held_frames():
+    for f in cache.recacher.held_frames():
         first = f // 3 * 3
         store = fresh(first)
-        pos = cache._frame_slot(f)
+        pos = cache.recacher.frame_slot(f)
         for layer in range(cfg.num_layers):
             want = store[layer][0, (f - first) * T : (f - first + 1) * T]
             got = cache.local_k[layer, 0, pos * T : (pos + 1) * T]

@@ -81,11 +81,11 @@ def test_switch_prompt_recaches_bank_and_window():
             torch.testing.assert_close(
                 cache.bank.mean_k[layer, slot], want[layer][0].mean(0), atol=2e-4, rtol=2e-4
             )
-    for f in cache._held_frames():
+    for f in cache.recacher.held_frames():
         first = f // 3 * 3
-        latent = cache.window_latent[:, cache._latent_row(first // 3)]
+        latent = cache.window_latent[:, cache.recacher.latent_row(first // 3)]
         want = fresh_keys(model, latent, first, prompt_b)
-        pos = cache._frame_slot(f)
+        pos = cache.recacher.frame_slot(f)
         for layer in range(cfg.num_layers):
             got = cache.local_k[layer, 0, pos * T : (pos + 1) * T]
             ref = want[layer][0, (f - first) * T : (f - first + 1) * T]

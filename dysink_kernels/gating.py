@@ -1,0 +1,167 @@
+"""The sink anomaly gate of one attention call and the entropy-anomaly tracker.
+
+``SinkGate`` decides, per layer and denoising call, which retrieved bank slots (and
+whether the static-sink group) are attended: a slot is dropped when more than
+``tau`` of the voters ``(sample, head)`` score it above the local window
+(``qbar . kbar(slot) > qbar . kbar(window)``), and, with ``gate_mode`` "entropy" or
+"both", when ``AnomalyTracker`` flagged it after the previous call. Everything
+stays on the device.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+
+from .ops.gathered_sink_attention import SinkAttnStats
+from .ops.sink_gate import gate_from_means
+from .ops.sink_gate.naive import decide_from_votes, gate_votes
+
+if TYPE_CHECKING:
+    from .cache import DySinkCache
+
+__all__ = ["AnomalyStats", "AnomalyTracker", "SinkGate"]
+
+
+class AnomalyStats(NamedTuple):
+    """Entropy-anomaly statistics of one layer (device tensors), for monitoring and for
+    ``gate_mode="entropy"``/``"both"``.
+
+    Attributes:
+        entropy: ``(B, H)`` mean attention entropy of each head in the last call (nats).
+        entropy_mean, entropy_std: ``(B, H)`` running (EMA) mean and std of it, after
+            the update with this call.
+        low_fraction: ``(B,)`` fraction of heads whose entropy fell below
+            ``mean - anomaly_z * std`` (before the update).
+        mass_mean, mass_cv: ``(B, top_k)`` mean over heads of each slot's attention mass
+            and its coefficient of variation across heads (small = homogenised heads).
+        drop_next: ``(B, top_k)`` slots the entropy gate drops in the next call.
+    """
+
+    entropy: torch.Tensor
+    entropy_mean: torch.Tensor
+    entropy_std: torch.Tensor
+    low_fraction: torch.Tensor
+    mass_mean: torch.Tensor
+    mass_cv: torch.Tensor
+    drop_next: torch.Tensor
+
+
+class AnomalyTracker:
+    """Per-layer, per-head EMA of attention entropy and the entropy gate's drops.
+
+    ``mean``/``var``: ``(L, B, H)`` running statistics; ``drop``: ``(L, B, top_k)``
+    slots the entropy gate drops in the next call of each layer; ``updates``: calls
+    folded in per layer (host ints).
+    """
+
+    def __init__(self, config, batch: int, device: torch.device) -> None:
+        Ly, H, k = config.num_layers, config.num_heads, config.top_k
+        self.config = config
+        self.mean = torch.zeros(Ly, batch, H, dtype=torch.float32, device=device)
+        self.var = torch.zeros(Ly, batch, H, dtype=torch.float32, device=device)
+        self.drop = torch.zeros(Ly, batch, k, dtype=torch.bool, device=device)
+        self.updates = [0] * Ly
+        self.last: list[AnomalyStats | None] = [None] * Ly
+
+    def update(self, layer: int, attn: SinkAttnStats, slot_idx: torch.Tensor) -> None:
+        """Entropy-anomaly statistics after a denoising call; decides the entropy gate's
+        drops for the next call of this layer (all on the device)."""
+        c = self.config
+        ent = attn.entropy.mean(dim=-1)  # (B, H) per-head mean entropy
+        mass = attn.slot_mass  # (B, H, k)
+        mean, var = self.mean[layer], self.var[layer]
+        warm = self.updates[layer] >= c.anomaly_warmup
+        std = var.clamp(min=0).sqrt()
+        low = (ent < mean - c.anomaly_z * std) & warm
+        low_fraction = low.float().mean(dim=1)  # (B,)
+        mass_mean = mass.mean(dim=1)  # (B, k)
+        mass_cv = mass.std(dim=1, unbiased=False) / mass_mean.clamp(min=1e-12)
+        draws = mass_mean > c.anomaly_min_mass
+        drop = draws & ((low_fraction > 0.5)[:, None] | (mass_cv < c.anomaly_min_cv))
+        self.drop[layer].copy_(drop & (slot_idx >= 0))
+        if self.updates[layer] == 0:
+            mean.copy_(ent)
+            var.zero_()
+        else:
+            d = c.anomaly_decay
+            diff = ent - mean
+            mean.add_((1.0 - d) * diff)
+            var.mul_(d).add_(d * (1.0 - d) * diff * diff)
+        self.updates[layer] += 1
+        self.last[layer] = AnomalyStats(
+            ent, mean.clone(), var.clamp(min=0).sqrt(), low_fraction, mass_mean, mass_cv,
+            self.drop[layer].clone(),
+        )  # fmt: skip
+
+
+class SinkGate:
+    """The consensus (and entropy) gate of one cache's attention calls."""
+
+    def __init__(self, cache: DySinkCache) -> None:
+        self.cache = cache
+
+    def __call__(
+        self, layer: int, qbar: torch.Tensor, kbar_local: torch.Tensor, commit: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Gate the static-sink group and the retrieved slots of one call.
+
+        Returns ``(kept, ratio, sink_ratio, sink_kept)`` (sink entries ``None`` without
+        static sinks). With head parallelism the vote counts of all ranks are summed
+        by one all-reduce before the decisions.
+        """
+        cache = self.cache
+        c = cache.config
+        B = cache.batch_size
+        slots = cache._no_slots if commit else cache.slot_idx
+        gate_slots = c.gate and not commit and c.top_k > 0 and c.gate_mode != "entropy"
+        gate_sinks = c.gate and c.sink_frames > 0
+        # The consensus vote reads each slot's mean key as it is attended: turned by the
+        # re-positioning when sink_rope="relative" (rotation is linear).
+        if c.sink_rope == "relative" and gate_slots:
+            vote_slots, mean_table = cache._rot_slots, cache._rot_mean_k[layer]
+        else:
+            vote_slots, mean_table = slots, cache.bank.mean_k[layer]
+        sink_mean = None
+        if gate_sinks:
+            sink_tokens = c.sink_frames * c.tokens_per_frame
+            sink_mean = cache.frame_ksum[layer, :, : c.sink_frames].sum(dim=1) / sink_tokens
+
+        kept, ratio, ratio_s = slots, torch.zeros(B, slots.shape[1], device=cache.device), None
+        if cache.parallel is not None and (gate_slots or gate_sinks):
+            n = slots.shape[1] if gate_slots else 0
+            votes = torch.zeros(B, n + int(gate_sinks), device=cache.device)
+            if gate_slots:
+                votes[:, :n] = gate_votes(qbar, kbar_local, mean_table, vote_slots)
+            if gate_sinks:
+                votes[:, n:] = gate_votes(qbar, kbar_local, sink_mean, cache._sink_slots)
+            votes = cache.parallel.all_reduce_sum(votes)
+            heads = cache.parallel.total_heads
+            if gate_slots:
+                kept, ratio = decide_from_votes(votes[:, :n], slots, heads, c.tau, c.gate_scope)
+            if gate_sinks:
+                _, ratio_s = decide_from_votes(
+                    votes[:, n:], cache._sink_slots, heads, c.tau, c.gate_scope
+                )
+        else:
+            if gate_slots:
+                kept, ratio = gate_from_means(
+                    qbar, kbar_local, mean_table, vote_slots, c.tau, c.gate_scope, cache.backend
+                )
+            if gate_sinks:
+                _, ratio_s = gate_from_means(
+                    qbar, kbar_local, sink_mean, cache._sink_slots, c.tau, c.gate_scope,
+                    cache.backend,
+                )  # fmt: skip
+
+        if gate_slots:  # back from the vote's slot numbering to the bank's
+            kept = torch.where(kept >= 0, slots, -1).to(slots.dtype)
+        if c.gate and not commit and c.gate_mode in ("entropy", "both"):
+            kept = torch.where(cache.anomaly_tracker.drop[layer], -1, kept).to(slots.dtype)
+        if c.sink_frames == 0:
+            return kept, ratio, None, None
+        if ratio_s is None:
+            return kept, ratio, None, torch.ones(B, dtype=torch.bool, device=cache.device)
+        sink_ratio = torch.where(cache.sink_active, ratio_s[:, 0], 0.0)
+        return kept, ratio, sink_ratio, sink_ratio <= c.tau
