@@ -42,6 +42,8 @@ TEST_FILES = (
 )
 # Share of the budget each stage may use (the final stage needs little).
 SHARES = {"env": 0.02, "tests": 0.40, "attention": 0.23, "small_ops": 0.08, "pipeline": 0.22}
+# The stages after env, in the order they run (final always runs last).
+STAGES = ("tests", "attention", "small_ops", "pipeline")
 FINAL_RESERVE = 0.04
 MAX_LOG_BYTES = 8 << 20
 PACKAGES = ("torch", "triton", "pytest", "pytest-benchmark", "einops", "numpy", "matplotlib")
@@ -81,6 +83,7 @@ class Run:
     def __init__(self, out: Path, budget: float) -> None:
         self.out = out
         self.budget = budget
+        self.shares = dict(SHARES)
         self.t0 = time.monotonic()
         self.deadline = self.t0 + budget
         self.final_reserve = FINAL_RESERVE * budget
@@ -101,7 +104,7 @@ class Run:
 
     def stage_deadline(self, name: str) -> float:
         """Monotonic time by which the stage's cases must stop."""
-        own = time.monotonic() + SHARES.get(name, 0.1) * self.budget
+        own = time.monotonic() + self.shares.get(name, 0.1) * self.budget
         return min(own, self.deadline - self.final_reserve)
 
     def stage(self, name: str, fn, *, need_s: float = 1.0) -> None:
@@ -127,13 +130,13 @@ class Run:
         """Rewrite the results written so far (CSV, JSON, summary.md)."""
         if self.rec is None:
             return
-        from dysink_kernels import bench
+        from report import markdown_summary
 
         self.rec.env["stages"] = self.stages
         self.rec.env["tests"] = self.tests
         try:
             self.rec.write(self.out)
-            summary = bench.markdown_summary(self.rec.rows, self.rec.env)
+            summary = markdown_summary(self.rec.rows, self.rec.env)
             (self.out / "summary.md").write_text(summary)
         except Exception as err:  # never lose the run to a report
             self.log(f"  writing results failed: {err}")
@@ -141,10 +144,11 @@ class Run:
 
 # ----------------------------------------------------------------------------- stages
 def stage_env(run: Run, device, dry: bool) -> None:
-    from dysink_kernels import bench
     from dysink_kernels.__main__ import info
 
-    env = bench.environment(device)
+    from measure import Recorder, environment
+
+    env = environment(device)
     env["mode"] = "dry-run (CPU, tiny shapes, Triton interpreter)" if dry else "gpu"
     env["budget_s"] = run.budget
     env["argv"] = sys.argv
@@ -159,7 +163,7 @@ def stage_env(run: Run, device, dry: bool) -> None:
     except Exception as err:  # the backend table is a nicety
         env["info"] = f"failed: {err}"
     (run.out / "env.json").write_text(json.dumps(env, indent=1, default=str))
-    run.rec = bench.Recorder(env)
+    run.rec = Recorder(env)
     extra = f", {env.get('sm_count')} SMs, CUDA {env.get('cuda')}" if device.type == "cuda" else ""
     run.log(f"device {env['device_name']}{extra}; torch {env['torch']}, triton {env['triton']}")
 
@@ -254,21 +258,23 @@ def stage_tests(run: Run, dry: bool) -> None:
 
 
 def stage_attention(run: Run, plan, device, dry: bool) -> None:
-    from dysink_kernels import available_backends, bench
+    from dysink_kernels import available_backends
+
+    from attention import config_scan, run_attention
 
     until = run.stage_deadline("attention")
-    bench.run_attention(run.rec, plan, device, allow_interpreter=dry, deadline=until, log=run.log)
+    run_attention(run.rec, plan, device, allow_interpreter=dry, deadline=until, log=run.log)
     run.flush()
     if "triton" in available_backends("gathered_attention", device):
-        bench.config_scan(run.rec, plan, device, deadline=until, log=run.log)
+        config_scan(run.rec, plan, device, deadline=until, log=run.log)
     else:
         run.log("  config scan: triton is not available here")
 
 
 def stage_small_ops(run: Run, plan, device, dry: bool) -> None:
-    from dysink_kernels import bench
+    from small_ops import run_small_ops
 
-    bench.run_small_ops(
+    run_small_ops(
         run.rec,
         plan,
         device,
@@ -279,21 +285,22 @@ def stage_small_ops(run: Run, plan, device, dry: bool) -> None:
 
 
 def stage_pipeline(run: Run, plan, device) -> None:
-    from dysink_kernels import bench
+    from pipelines import run_pipeline, run_scaling
 
     until = run.stage_deadline("pipeline")
-    bench.run_pipeline(run.rec, plan, device, deadline=until, log=run.log)
+    run_pipeline(run.rec, plan, device, deadline=until, log=run.log)
     run.flush()
-    bench.run_scaling(run.rec, plan, device, deadline=until, log=run.log)
+    run_scaling(run.rec, plan, device, deadline=until, log=run.log)
 
 
 def stage_final(run: Run) -> None:
-    from dysink_kernels import bench
+    from memory import add_memory_rows
+    from report import add_derived_rows, plot
 
-    bench.add_memory_rows(run.rec)
-    bench.add_derived_rows(run.rec)
+    add_memory_rows(run.rec)
+    add_derived_rows(run.rec)
     run.flush()
-    png = bench.plot(run.rec.rows, run.rec.env, run.out / "bench.png")
+    png = plot(run.rec.rows, run.rec.env, run.out / "bench.png")
     run.log("  plot: " + (str(png) if png else "matplotlib is not installed (no PNG)"))
 
 
@@ -397,15 +404,24 @@ def main(argv: list[str] | None = None) -> int:
         # Before anything imports Triton: its interpreter runs the kernels on CPU tensors.
         os.environ["TRITON_INTERPRET"] = "1"
     budget = args.budget or (110.0 if args.dry_run else 480.0)
+    from measure import check_writable
+
+    try:  # before any work: an unwritable folder would lose the run
+        check_writable(args.out)
+    except OSError as err:
+        print(f"gpu_suite.py: error: {err}", file=sys.stderr)
+        return 2
+    stages = tuple(s for s in STAGES if not (s == "tests" and args.skip_tests))
     run = Run(args.out, budget)
 
     import torch
 
-    from dysink_kernels import bench
+    from measure import Recorder, configure_cpu_threads
+    from plans import plan_for
 
     if args.dry_run:
         device = torch.device("cpu")
-        bench.configure_cpu_threads(device)
+        configure_cpu_threads(device)
     elif torch.cuda.is_available():
         device = torch.device("cuda")
     else:
@@ -413,8 +429,17 @@ def main(argv: list[str] | None = None) -> int:
         run.stage("env", lambda: stage_env(run, torch.device("cpu"), False))
         print(compact_summary(run))
         return 2
-    plan = bench.plan_for(device, dry=args.dry_run)
-    run.log(f"gpu_suite: plan {plan.name}, budget {budget:.0f} s, out {args.out}")
+    plan = plan_for(device, dry=args.dry_run)
+    run.log(
+        f"gpu_suite: plan {plan.name}, budget {budget:.0f} s, stages {','.join(stages)}, "
+        f"out {args.out}"
+    )
+    steps = {
+        "tests": (lambda: stage_tests(run, args.dry_run), 20),
+        "attention": (lambda: stage_attention(run, plan, device, args.dry_run), 10),
+        "small_ops": (lambda: stage_small_ops(run, plan, device, args.dry_run), 5),
+        "pipeline": (lambda: stage_pipeline(run, plan, device), 10),
+    }
 
     # The hard deadline interrupts whatever runs when the final stage's reserve begins.
     signal.signal(signal.SIGALRM, _raise_deadline)
@@ -423,12 +448,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run.stage("env", lambda: stage_env(run, device, args.dry_run))
         if run.rec is None:  # keep the later stages usable without the env stage
-            run.rec = bench.Recorder({"device": device.type, "device_name": str(device)})
-        if not args.skip_tests:
-            run.stage("tests", lambda: stage_tests(run, args.dry_run), need_s=20)
-        run.stage("attention", lambda: stage_attention(run, plan, device, args.dry_run), need_s=10)
-        run.stage("small_ops", lambda: stage_small_ops(run, plan, device, args.dry_run), need_s=5)
-        run.stage("pipeline", lambda: stage_pipeline(run, plan, device), need_s=10)
+            run.rec = Recorder({"device": device.type, "device_name": str(device)})
+        for name in stages:
+            fn, need_s = steps[name]
+            run.stage(name, fn, need_s=need_s)
     except Deadline as err:  # between stages
         run.log(f"== {err}")
     finally:
