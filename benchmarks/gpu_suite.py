@@ -3,8 +3,10 @@ Triton config scan, the small ops, the per-block comparison and its scaling.
 
     python benchmarks/gpu_suite.py OUT_DIR              # H100/H200: about 8 minutes at most
     python benchmarks/gpu_suite.py OUT_DIR --dry-run    # every stage on tiny CPU shapes
+    python benchmarks/gpu_suite.py OUT_DIR --stages attention   # some stages only
 
-Stages run in order, each inside a try/except that records a failure and goes on. A hard
+Stages run in order (``--stages`` picks some of them; env and final always run), each
+inside a try/except that records a failure and goes on. A hard
 deadline (``--budget``, default 480 s) is checked between stages and between benchmark
 cases, each stage also has its own share of the time, and the results are rewritten
 after every stage, so a run that is cut short still leaves its files. OUT_DIR receives
@@ -40,9 +42,10 @@ TEST_FILES = (
     "tests/test_device_path.py",
     "tests/test_csrc.py",
 )
-# Share of the budget each stage may use (the final stage needs little).
+# Share of the budget each stage may use (the final stage needs little). The shares of
+# the stages a run selects (``--stages``) are scaled up to fill the budget.
 SHARES = {"env": 0.02, "tests": 0.40, "attention": 0.23, "small_ops": 0.08, "pipeline": 0.22}
-# The stages after env, in the order they run (final always runs last).
+# The stages --stages chooses from, in the order they run (env and final always run).
 STAGES = ("tests", "attention", "small_ops", "pipeline")
 FINAL_RESERVE = 0.04
 MAX_LOG_BYTES = 8 << 20
@@ -66,7 +69,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="hard deadline in seconds (default 480; 110 with --dry-run)",
     )
     p.add_argument("--skip-tests", action="store_true", help="leave out the pytest stage")
+    p.add_argument(
+        "--stages",
+        type=parse_stages,
+        default=STAGES,
+        help=f"comma-separated stages to run, in this order: {','.join(STAGES)} "
+        "(default: all; env and final always run), e.g. --stages attention",
+    )
     return p.parse_args(argv)
+
+
+def parse_stages(text: str) -> tuple[str, ...]:
+    """``"attention,model"`` -> the named stages in run order; unknown names are a usage
+    error."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = sorted(set(names) - set(STAGES))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown stages {unknown}; choose from {','.join(STAGES)}"
+        )
+    return tuple(s for s in STAGES if s in names)
+
+
+def stage_shares(stages: tuple[str, ...]) -> dict[str, float]:
+    """Each selected stage's share of the budget: :data:`SHARES` scaled so that env,
+    the selected stages and the final reserve fill it."""
+    chosen = sum(SHARES[s] for s in stages)
+    room = 1.0 - FINAL_RESERVE - SHARES["env"]
+    shares = {s: SHARES[s] * room / chosen for s in stages} if chosen else {}
+    shares["env"] = SHARES["env"]
+    return shares
 
 
 class Deadline(Exception):
@@ -80,10 +112,10 @@ def _raise_deadline(signum, frame):
 class Run:
     """Deadline, stage bookkeeping, and the files in OUT_DIR."""
 
-    def __init__(self, out: Path, budget: float) -> None:
+    def __init__(self, out: Path, budget: float, shares: dict[str, float] | None = None) -> None:
         self.out = out
         self.budget = budget
-        self.shares = dict(SHARES)
+        self.shares = dict(SHARES if shares is None else shares)
         self.t0 = time.monotonic()
         self.deadline = self.t0 + budget
         self.final_reserve = FINAL_RESERVE * budget
@@ -411,8 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"gpu_suite.py: error: {err}", file=sys.stderr)
         return 2
-    stages = tuple(s for s in STAGES if not (s == "tests" and args.skip_tests))
-    run = Run(args.out, budget)
+    stages = tuple(s for s in args.stages if not (s == "tests" and args.skip_tests))
+    run = Run(args.out, budget, stage_shares(stages))
 
     import torch
 

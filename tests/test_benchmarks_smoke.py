@@ -4,6 +4,7 @@ and refuse an unwritable output folder before measuring anything."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -69,3 +70,28 @@ def test_run_rejects_unknown_suite(tmp_path):
     proc = _script("run.py", "--suites", "attention,nope", "--out", str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 2 and "unknown suites" in proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_gpu_suite_dry_run_stages(tmp_path):
+    out = tmp_path / "out"
+    proc = _script(
+        "gpu_suite.py", str(out), "--dry-run", "--stages", "small_ops", "--budget", "90",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    stages = json.loads((out / "results.json").read_text())["environment"]["stages"]
+    assert [(s["stage"], s["status"]) for s in stages] == [
+        ("env", "ok"),
+        ("small_ops", "ok"),
+        ("final", "ok"),
+    ]
+    suites = {r["suite"] for r in _rows(out / "results.csv")}
+    assert "small_ops" in suites and not suites & {"attention", "pipeline", "scaling"}
+
+
+def test_gpu_suite_rejects_unknown_stage(tmp_path):
+    proc = _script(
+        "gpu_suite.py", str(tmp_path / "out"), "--stages", "attention,nope", cwd=tmp_path
+    )
+    assert proc.returncode == 2 and "unknown stages" in proc.stderr
+    assert not (tmp_path / "out").exists()
