@@ -1,5 +1,6 @@
 """One command for a GPU machine: environment, GPU tests, the attention benchmarks and the
-Triton config scan, the small ops, the per-block comparison and its scaling.
+Triton config scan, the small ops, the per-block comparison and its scaling, and the
+cost of memory at model scale (one block of a Wan2.1-1.3B-shaped stack per case).
 
     python benchmarks/gpu_suite.py OUT_DIR              # H100/H200: about 8 minutes at most
     python benchmarks/gpu_suite.py OUT_DIR --dry-run    # every stage on tiny CPU shapes
@@ -44,9 +45,16 @@ TEST_FILES = (
 )
 # Share of the budget each stage may use (the final stage needs little). The shares of
 # the stages a run selects (``--stages``) are scaled up to fill the budget.
-SHARES = {"env": 0.02, "tests": 0.40, "attention": 0.23, "small_ops": 0.08, "pipeline": 0.22}
+SHARES = {
+    "env": 0.02,
+    "tests": 0.34,
+    "attention": 0.20,
+    "small_ops": 0.07,
+    "pipeline": 0.18,
+    "model": 0.15,
+}
 # The stages --stages chooses from, in the order they run (env and final always run).
-STAGES = ("tests", "attention", "small_ops", "pipeline")
+STAGES = ("tests", "attention", "small_ops", "pipeline", "model")
 FINAL_RESERVE = 0.04
 MAX_LOG_BYTES = 8 << 20
 PACKAGES = ("torch", "triton", "pytest", "pytest-benchmark", "einops", "numpy", "matplotlib")
@@ -325,6 +333,12 @@ def stage_pipeline(run: Run, plan, device) -> None:
     run_scaling(run.rec, plan, device, deadline=until, log=run.log)
 
 
+def stage_model(run: Run, plan, device) -> None:
+    from model_scale import run_model_scale
+
+    run_model_scale(run.rec, plan, device, deadline=run.stage_deadline("model"), log=run.log)
+
+
 def stage_final(run: Run) -> None:
     from memory import add_memory_rows
     from report import add_derived_rows, plot
@@ -403,6 +417,17 @@ def compact_summary(run: Run) -> str:
                     for v, p in pts.items()
                 ]
                 out.append(f"  {axis}: " + ", ".join(cells))
+    model = [r for r in measured if r["suite"] == "model"]
+    if model:
+        out.append(
+            f"cost of memory, whole model per block [{model[0]['shape']} {model[0]['dtype']}]:"
+        )
+        out += [
+            f"  {r['provider']:16} {r['median_ms']:9.1f} ms  syncs {r['host_syncs']} "
+            f"h2d {_f(r['h2d_bytes'] / 1e6, '.1f')} MB  peak "
+            f"{_f(r['peak_mem_bytes'] / 1e6 if r['peak_mem_bytes'] != '' else '', '.0f')} MB"
+            for r in model
+        ]
     derived = [r for r in rows if r["kind"] == "derived"]
     if derived:
         out.append("derived:")
@@ -471,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         "attention": (lambda: stage_attention(run, plan, device, args.dry_run), 10),
         "small_ops": (lambda: stage_small_ops(run, plan, device, args.dry_run), 5),
         "pipeline": (lambda: stage_pipeline(run, plan, device), 10),
+        "model": (lambda: stage_model(run, plan, device), 10),
     }
 
     # The hard deadline interrupts whatever runs when the final stage's reserve begins.

@@ -231,6 +231,37 @@ def time_wall(
     return Timing.of(times)
 
 
+def time_blocks(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    rounds: int,
+    warmup: int = 1,
+    setup: Callable[[], object] | None = None,
+) -> Timing:
+    """Per-call time after ``warmup`` calls; ``setup`` runs untimed before each. On CUDA
+    between two CUDA events around the call (after a synchronisation, so the stream is
+    idle when the call starts); elsewhere :func:`time_wall`."""
+    if device.type != "cuda":
+        return time_wall(fn, device, rounds=rounds, warmup=warmup, setup=setup)
+    for _ in range(warmup):
+        if setup is not None:
+            setup()
+        fn()
+    times = []
+    for _ in range(rounds):
+        if setup is not None:
+            setup()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return Timing.of(times)
+
+
 def time_kernel(fn: Callable[[], object], device: torch.device, *, rounds: int) -> Timing:
     """GPU: ``triton.testing.do_bench`` (CUDA events, L2 flushed before every call),
     median of all its repetitions; CPU: :func:`time_wall`."""

@@ -118,6 +118,10 @@ class OursPipeline:
         """The caller's feature of the current block (the workload's)."""
         return self.work.feature(self.cache.block)
 
+    def first_frame(self) -> int:
+        """First frame of the current block (host bookkeeping)."""
+        return self.cache.frame
+
     def run_block(self) -> None:
         """One block on the workload's synthetic q/k/v."""
         s = self.shape

@@ -71,16 +71,18 @@ class PipelineShape:
     feature_dim: int = 64
     batch: int = 1
     dtype: torch.dtype = torch.bfloat16
+    sink_frames: int = 0
 
     @property
     def block_tokens(self) -> int:
         return self.frames_per_block * self.tokens_per_frame
 
     def label(self) -> str:
+        sinks = f" sinks={self.sink_frames}" if self.sink_frames else ""
         return (
             f"layers={self.layers} H={self.heads} D={self.head_dim} "
-            f"T={self.tokens_per_frame} block={self.frames_per_block}f L={self.local_frames} "
-            f"k={self.top_k} steps={self.steps}+1 F={self.feature_dim}"
+            f"T={self.tokens_per_frame} block={self.frames_per_block}f L={self.local_frames}"
+            f"{sinks} k={self.top_k} steps={self.steps}+1 F={self.feature_dim}"
         )
 
     def config(self, **overrides) -> DySinkConfig:
@@ -91,6 +93,7 @@ class PipelineShape:
             tokens_per_frame=self.tokens_per_frame,
             frames_per_block=self.frames_per_block,
             local_frames=self.local_frames,
+            sink_frames=self.sink_frames,
             top_k=self.top_k,
             **overrides,
         )
@@ -147,6 +150,63 @@ class SmallOpsShape:
 
 
 @dataclass(frozen=True)
+class ModelShape:
+    """A whole model driven block by block (``tools.models.wan_shaped_dit``); the
+    defaults are Wan2.1-T2V-1.3B at 480p: 30 layers of dim 1536 (12 heads x 128),
+    feed-forward 8960, 1,560 tokens per latent frame (30 x 52), a 512-token text
+    context of 4,096 features, 3 frames per block, 4 denoising steps + 1 clean pass."""
+
+    layers: int = 30
+    heads: int = 12
+    head_dim: int = 128
+    grid_hw: tuple[int, int] = (30, 52)
+    ffn_dim: int = 8960
+    latent_channels: int = 64
+    text_tokens: int = 512
+    text_dim: int = 4096
+    frames_per_block: int = 3
+    steps: int = 4
+    bank_entries: int = 16
+    feature_dim: int = 1024
+    dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid_hw[0] * self.grid_hw[1]
+
+    def label(self) -> str:
+        return (
+            f"layers={self.layers} dim={self.heads * self.head_dim} ({self.heads}x"
+            f"{self.head_dim}) ffn={self.ffn_dim} T={self.tokens_per_frame} "
+            f"block={self.frames_per_block}f text={self.text_tokens}x{self.text_dim} "
+            f"steps={self.steps}+1"
+        )
+
+    def pipeline(self, *, local_frames: int, top_k: int, sink_frames: int) -> PipelineShape:
+        """The attention layout of this model for one protocol setting."""
+        return PipelineShape(
+            layers=self.layers,
+            heads=self.heads,
+            head_dim=self.head_dim,
+            tokens_per_frame=self.tokens_per_frame,
+            frames_per_block=self.frames_per_block,
+            local_frames=local_frames,
+            top_k=top_k,
+            steps=self.steps,
+            feature_dim=self.feature_dim,
+            dtype=self.dtype,
+            sink_frames=sink_frames,
+        )
+
+
+# Reduced dims for CPU: every part of the model and every case, at toy size.
+CPU_MODEL = ModelShape(
+    layers=2, heads=2, head_dim=32, grid_hw=(2, 4), ffn_dim=128, latent_channels=16,
+    text_tokens=8, text_dim=32, feature_dim=32, dtype=torch.float32,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Plan:
     """Every size and repetition count of one run."""
 
@@ -166,6 +226,8 @@ class Plan:
     scaling_rounds: int
     small_rounds: int
     warmup: int = 1
+    model: ModelShape | None = None
+    model_rounds: int = 3
 
 
 # The reference shapes (DESIGN 5): Wan2.1-1.3B attention, 4,680 queries against 23,400
@@ -189,6 +251,8 @@ GPU_PLAN = Plan(
     pipeline_rounds=5,
     scaling_rounds=3,
     small_rounds=50,
+    model=ModelShape(),
+    model_rounds=3,
 )
 # CPU: the reference's proportions (block = 3 frames, window 9 frames + 2 slots) at
 # 32 tokens per frame, fp32; the scaling sweeps on a tiny stack.
@@ -208,6 +272,8 @@ CPU_PLAN = Plan(
     pipeline_rounds=60,
     scaling_rounds=40,
     small_rounds=500,
+    model=CPU_MODEL,
+    model_rounds=10,
 )
 CPU_QUICK_PLAN = replace(
     CPU_PLAN,
@@ -219,6 +285,7 @@ CPU_QUICK_PLAN = replace(
     pipeline_rounds=10,
     scaling_rounds=5,
     small_rounds=50,
+    model_rounds=3,
 )
 # Every code path on the smallest shapes (gpu_suite.py --dry-run).
 DRY_PLAN = Plan(
@@ -237,6 +304,8 @@ DRY_PLAN = Plan(
     pipeline_rounds=2,
     scaling_rounds=1,
     small_rounds=2,
+    model=replace(CPU_MODEL, layers=1, bank_entries=4),
+    model_rounds=1,
 )
 
 

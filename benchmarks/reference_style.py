@@ -364,6 +364,10 @@ class ReferenceStylePipeline:
         """The caller's feature of the current block (the workload's)."""
         return self.work.feature(self.block)
 
+    def first_frame(self) -> int:
+        """First frame of the current block."""
+        return self.block * self.shape.frames_per_block
+
     def run_block(self) -> None:
         """One block on the workload's synthetic q/k/v."""
         s = self.shape

@@ -109,6 +109,28 @@ def add_derived_rows(rec: Recorder) -> None:
                     "x",
                     "reference_style time / ours",
                 )
+    window = _median(rows, "model", "per_block", "window")
+    for r in rows:
+        if r["suite"] == "model" and r["kind"] == "measured" and window:
+            add(
+                "model",
+                "per_block",
+                f"{r['provider']} / window",
+                r["median_ms"] / window,
+                "x",
+                "ms per block over the plain window's (the cost of memory)",
+            )
+    dysink = _median(rows, "model", "per_block", "dysink")
+    ref = _median(rows, "model", "per_block", "reference_style")
+    if dysink and ref:
+        add(
+            "model",
+            "per_block",
+            "dysink speed-up over reference_style",
+            ref / dysink,
+            "x",
+            "reference_style time / dysink (>1: dysink faster)",
+        )
     copy = _median(rows, "small_ops", "bank_insert", COPY_PROVIDER)
     inserts = [
         r
@@ -222,6 +244,28 @@ def markdown_summary(rows: Iterable[dict], env: dict) -> str:
                 f"{_num(o['host_syncs']) if o else '-'} | {_num(f['host_syncs']) if f else '-'} |"
             )
         out.append("")
+    model = [r for r in rows if r["suite"] == "model" and r["kind"] in ("measured", "skipped")]
+    if model:
+        out += [
+            f"Cost of memory, one block of the whole model ({model[0]['shape']}, "
+            f"{model[0]['dtype'] or '-'}):",
+            "",
+            "| case | median ms / block | min ms | / window | host syncs | H2D MB | peak MB "
+            "| note |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        base = _median(model, "model", "per_block", "window")
+        for r in model:
+            if r["kind"] == "skipped":
+                out.append(f"| {r['provider']} | - | - | - | - | - | - | skipped: {r['note']} |")
+                continue
+            ratio = f"{r['median_ms'] / base:.2f}" if base else "-"
+            out.append(
+                f"| {r['provider']} | {_num(r['median_ms'])} | {_num(r['min_ms'])} | {ratio} "
+                f"| {_num(r['host_syncs'])} | {_mb(r['h2d_bytes'])} | {_mb(r['peak_mem_bytes'])} "
+                f"| {r['note']} |"
+            )
+        out.append("")
     small = [r for r in rows if r["suite"] == "small_ops" and r["kind"] == "measured"]
     if small:
         out += [
@@ -290,7 +334,7 @@ def plot(rows: Iterable[dict], env: dict, path: str | Path) -> Path | None:
     except ImportError:
         return None
     rows = [r for r in rows if r["kind"] == "measured"]
-    fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
+    fig, axes = plt.subplots(3, 3, figsize=(17, 14))
     attn = [r for r in rows if r["suite"] in ("attention", "config_scan")]
     _barh(
         axes[0, 0],
@@ -338,6 +382,32 @@ def plot(rows: Iterable[dict], env: dict, path: str | Path) -> Path | None:
         ax.set_xlabel(axis)
         ax.set_ylabel("ms per block")
         ax.legend()
+    model = [r for r in rows if r["suite"] == "model"]
+    _barh(
+        axes[2, 0],
+        [r["provider"] for r in model],
+        [r["median_ms"] for r in model],
+        "tab:red",
+        "ms per block",
+        "cost of memory: one block of the whole model",
+    )
+    peak = [r for r in model if r["peak_mem_bytes"] not in ("", None)]
+    _barh(
+        axes[2, 1],
+        [r["provider"] for r in peak],
+        [r["peak_mem_bytes"] / 1e9 for r in peak],
+        "tab:purple",
+        "peak GB",
+        "whole model: peak device memory",
+    )
+    _barh(
+        axes[2, 2],
+        [r["provider"] for r in model],
+        [r["host_syncs"] for r in model],
+        "tab:gray",
+        "host syncs per block",
+        "whole model: host syncs",
+    )
     fig.suptitle(f"dysink_kernels benchmarks: {env.get('device_name')}, {env.get('date')}")
     fig.tight_layout()
     path = Path(path)

@@ -26,17 +26,19 @@ from measure import (
     environment,
 )
 from memory import add_memory_rows
+from model_scale import run_model_scale
 from pipelines import run_pipeline, run_scaling
 from plans import plan_for
 from report import add_derived_rows, markdown_summary, write_outputs
 from small_ops import run_small_ops
 
-SUITES = ("attention", "pipeline", "scaling", "small_ops", "memory")
+SUITES = ("attention", "pipeline", "scaling", "small_ops", "model", "memory")
 RUNNERS: dict[str, Callable] = {
     "attention": run_attention,
     "pipeline": run_pipeline,
     "scaling": run_scaling,
     "small_ops": run_small_ops,
+    "model": run_model_scale,
 }
 
 

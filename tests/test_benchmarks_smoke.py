@@ -40,7 +40,7 @@ def _rows(path: Path) -> list[dict]:
 def test_run_dry_writes_results(tmp_path):
     out = tmp_path / "out"
     proc = _script(
-        "run.py", "--dry-run", "--suites", "pipeline,small_ops,memory", "--out", str(out),
+        "run.py", "--dry-run", "--suites", "pipeline,small_ops,model,memory", "--out", str(out),
         cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -52,6 +52,52 @@ def test_run_dry_writes_results(tmp_path):
     assert any(r["suite"] == "memory" and r["kind"] == "computed" for r in rows)
     ours = next(r for r in rows if r["suite"] == "pipeline" and r["provider"] == "ours")
     assert ours["host_syncs"] == "0"
+    # The model-scale benchmark at reduced dims: every case but the CUDA graph one.
+    model = {r["provider"]: r for r in rows if r["suite"] == "model" and r["kind"] != "derived"}
+    for name in ("window", "dysink", "reference_style", "longlive"):
+        assert model[name]["kind"] == "measured", model[name]
+        assert float(model[name]["median_ms"]) > 0
+    assert model["dysink+graph"]["kind"] == "skipped"
+    assert "CUDA" in model["dysink+graph"]["note"]
+    assert model["dysink"]["host_syncs"] == "0" and int(model["reference_style"]["host_syncs"]) > 0
+    ratios = {r["provider"] for r in rows if r["suite"] == "model" and r["kind"] == "derived"}
+    assert "dysink / window" in ratios
+    assert "Cost of memory" in (out / "summary.md").read_text()
+
+
+def test_wan_shaped_model_rope_on_device_matches_host_frame():
+    """A first frame given as a device tensor (what a captured CUDA graph needs) rotates
+    like the same frame given as an int; the default tiny model is unchanged by the
+    Wan-shaped options."""
+    import torch
+
+    from dysink_kernels.tools.models import TinyVideoDiT, wan_shaped_dit
+
+    torch.manual_seed(0)
+    model = wan_shaped_dit(2, 2, 16, (2, 3), ffn_dim=40, latent_channels=4, text_dim=12)
+    x = torch.randn(1, 3, 6, 4)
+    text = torch.randn(1, 5, 12)
+    seen = {}
+
+    def attend(name):
+        def fn(layer, q, k, v, commit):
+            seen[name, layer] = (q, k)
+            return v
+
+        return fn
+
+    a = model(x, 0.5, text, 9, attend("int"))
+    b = model(x, 0.5, text, torch.tensor(9), attend("tensor"))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for layer in range(2):
+        for u, w in zip(seen["int", layer], seen["tensor", layer]):
+            torch.testing.assert_close(u, w, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(0)
+    tiny = TinyVideoDiT()
+    assert not tiny.cross_attn and tiny.blocks[0].cross is None
+    assert [n for n, _ in tiny.named_parameters()][:6] == [
+        "embed.weight", "embed.bias", "time.weight", "time.bias", "cond.weight", "cond.bias",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("script", ["run.py", "gpu_suite.py"])
