@@ -98,7 +98,7 @@ def attention_providers(
         elif name == "triton":
             reason = triton_reason(device, allow_interpreter)
         out += [(AttnProvider(name, False), reason), (AttnProvider(name, True), reason)]
-        if name == "ours":  # DESIGN 4 options, measured against the plain gathered call
+        if name == "ours":  # the options beyond the paper, measured against the plain gathered call
             out += [(AttnProvider(name, True, rotate=True), reason),
                     (AttnProvider(name, True, fp8=True), reason)]  # fmt: skip
     for name, backend in SDPA_PROVIDERS.items():
@@ -262,8 +262,8 @@ def _option_call(provider: AttnProvider, inp: dict[str, torch.Tensor], backend: 
 
 
 def attention_error(out: torch.Tensor, inp: dict[str, torch.Tensor], call=None) -> float:
-    """Max |out - fp32 softmax attention over the concatenated keys| (for the DESIGN 4
-    options: against the naive backend with the same options)."""
+    """Max |out - fp32 softmax attention over the concatenated keys| (for the
+    re-positioned and fp8 options: against the naive backend with the same options)."""
     if call is not None and hasattr(call, "reference"):
         return float((out.float() - call.reference().float()).abs().max())
     k, v = concat_kv(inp)

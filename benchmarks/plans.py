@@ -230,7 +230,7 @@ class Plan:
     model_rounds: int = 3
 
 
-# The reference shapes (DESIGN 5): Wan2.1-1.3B attention, 4,680 queries against 23,400
+# The reference shapes: Wan2.1-1.3B attention, 4,680 queries against 23,400
 # keys as 14,040 window + 2 slots of 4,680.
 WAN_LAYER = PipelineShape(
     layers=30, heads=12, head_dim=128, tokens_per_frame=1560, feature_dim=1024

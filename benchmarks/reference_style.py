@@ -1,5 +1,5 @@
 """A reference-style per-block pipeline: what the published DySink code does for one
-sample, written the way it is written (DESIGN 2), as the baseline of the benchmarks.
+sample, written the way it is written, as the baseline of the benchmarks.
 
 Read from yebo0216best/DySink (``pipeline/memory_causal_inference_eb.py``,
 ``utils/memory_bank.py``, ``wan/modules/causal_model.py``); no code is copied. Per

@@ -71,7 +71,7 @@ def add_derived_rows(rec: Recorder) -> None:
     for option, target in (("ours+stats+rotate", "<= 3%"), ("ours+stats+fp8", "<= 5%")):
         timed = _median(attn, "attention", "gathered", option)
         if plain and timed:
-            note = f"DESIGN 4 option, target {target} on a GPU"
+            note = f"option beyond the paper, target {target} on a GPU"
             cost = 100 * (timed / plain - 1)
             add("attention", "gathered", f"{option}: cost over ours+stats", cost, "%", note)
     for p in ("ours", "ours+stats", "triton", "triton+stats", "naive"):
