@@ -6,10 +6,11 @@ printed as usual) and writes ``results.csv``, ``results.json``, ``summary.md`` a
 Without ``--benchmark-only`` (nor ``--benchmark-enable``) each case runs once, untimed,
 as a smoke test, and nothing is written.
 
-Sizes come from ``dysink_kernels.bench.plan_for``: the DESIGN 5 reference shapes when
+Sizes come from ``plans.plan_for``: the Wan2.1-1.3B reference shapes when
 ``torch.cuda.is_available()``, small ones on CPU (run with ``$DYSINK_BENCH_THREADS``
-torch threads, default 1). Cases, inputs and measurements are the ones
-``python -m dysink_kernels bench`` and ``gpu_suite.py`` use.
+torch threads, default 1). Cases, inputs and measurements are the ones ``run.py`` and
+``gpu_suite.py`` use. pytest puts this folder on ``sys.path`` (a conftest in a folder
+without ``__init__.py``), so the suites import its modules by their plain names.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dysink_kernels import bench
+from measure import Recorder, configure_cpu_threads, default_device, environment
+from memory import add_memory_rows
+from plans import plan_for
+from report import add_derived_rows, write_outputs
 
-DEVICE = bench.default_device()
-PLAN = bench.plan_for(DEVICE)
-_RECORDER = pytest.StashKey[bench.Recorder]()
+DEVICE = default_device()
+PLAN = plan_for(DEVICE)
+_RECORDER = pytest.StashKey[Recorder]()
 
 
 def pytest_addoption(parser):
@@ -43,7 +47,7 @@ def pytest_configure(config):
     timed = config.getoption("benchmark_only", False) or config.getoption("benchmark_enable", False)
     if session is not None and not timed:
         session.disabled = True
-    bench.configure_cpu_threads(DEVICE)
+    configure_cpu_threads(DEVICE)
 
 
 def pytest_report_header(config):
@@ -55,8 +59,8 @@ def pytest_report_header(config):
 
 
 @pytest.fixture(scope="session")
-def recorder(request) -> bench.Recorder:
-    rec = bench.Recorder(bench.environment(DEVICE))
+def recorder(request) -> Recorder:
+    rec = Recorder(environment(DEVICE))
     request.config.stash[_RECORDER] = rec
     return rec
 
@@ -65,14 +69,14 @@ def pytest_sessionfinish(session):
     rec = session.config.stash.get(_RECORDER, None)
     if rec is None or not any(r["kind"] == "measured" for r in rec.rows):
         return
-    bench.add_memory_rows(rec)
-    bench.add_derived_rows(rec)
+    add_memory_rows(rec)
+    add_derived_rows(rec)
     out = Path(
         session.config.getoption("--bench-out", None)
         or os.environ.get("DYSINK_BENCH_OUT")
         or "bench_out"
     )
-    paths = bench.write_outputs(rec, out)
+    paths = write_outputs(rec, out)
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line("dysink benchmarks wrote " + ", ".join(str(p) for p in paths))

@@ -1,10 +1,13 @@
 """One command for a GPU machine: environment, GPU tests, the attention benchmarks and the
-Triton config scan, the small ops, the per-block comparison and its scaling.
+Triton config scan, the small ops, the per-block comparison and its scaling, and the
+cost of memory at model scale (one block of a Wan2.1-1.3B-shaped stack per case).
 
     python benchmarks/gpu_suite.py OUT_DIR              # H100/H200: about 8 minutes at most
     python benchmarks/gpu_suite.py OUT_DIR --dry-run    # every stage on tiny CPU shapes
+    python benchmarks/gpu_suite.py OUT_DIR --stages attention   # some stages only
 
-Stages run in order, each inside a try/except that records a failure and goes on. A hard
+Stages run in order (``--stages`` picks some of them; env and final always run), each
+inside a try/except that records a failure and goes on. A hard
 deadline (``--budget``, default 480 s) is checked between stages and between benchmark
 cases, each stage also has its own share of the time, and the results are rewritten
 after every stage, so a run that is cut short still leaves its files. OUT_DIR receives
@@ -40,8 +43,18 @@ TEST_FILES = (
     "tests/test_device_path.py",
     "tests/test_csrc.py",
 )
-# Share of the budget each stage may use (the final stage needs little).
-SHARES = {"env": 0.02, "tests": 0.40, "attention": 0.23, "small_ops": 0.08, "pipeline": 0.22}
+# Share of the budget each stage may use (the final stage needs little). The shares of
+# the stages a run selects (``--stages``) are scaled up to fill the budget.
+SHARES = {
+    "env": 0.02,
+    "tests": 0.34,
+    "attention": 0.20,
+    "small_ops": 0.07,
+    "pipeline": 0.18,
+    "model": 0.15,
+}
+# The stages --stages chooses from, in the order they run (env and final always run).
+STAGES = ("tests", "attention", "small_ops", "pipeline", "model")
 FINAL_RESERVE = 0.04
 MAX_LOG_BYTES = 8 << 20
 PACKAGES = ("torch", "triton", "pytest", "pytest-benchmark", "einops", "numpy", "matplotlib")
@@ -64,7 +77,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="hard deadline in seconds (default 480; 110 with --dry-run)",
     )
     p.add_argument("--skip-tests", action="store_true", help="leave out the pytest stage")
+    p.add_argument(
+        "--stages",
+        type=parse_stages,
+        default=STAGES,
+        help=f"comma-separated stages to run, in this order: {','.join(STAGES)} "
+        "(default: all; env and final always run), e.g. --stages attention",
+    )
     return p.parse_args(argv)
+
+
+def parse_stages(text: str) -> tuple[str, ...]:
+    """``"attention,model"`` -> the named stages in run order; unknown names are a usage
+    error."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = sorted(set(names) - set(STAGES))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown stages {unknown}; choose from {','.join(STAGES)}"
+        )
+    return tuple(s for s in STAGES if s in names)
+
+
+def stage_shares(stages: tuple[str, ...]) -> dict[str, float]:
+    """Each selected stage's share of the budget: :data:`SHARES` scaled so that env,
+    the selected stages and the final reserve fill it."""
+    chosen = sum(SHARES[s] for s in stages)
+    room = 1.0 - FINAL_RESERVE - SHARES["env"]
+    shares = {s: SHARES[s] * room / chosen for s in stages} if chosen else {}
+    shares["env"] = SHARES["env"]
+    return shares
 
 
 class Deadline(Exception):
@@ -78,9 +120,10 @@ def _raise_deadline(signum, frame):
 class Run:
     """Deadline, stage bookkeeping, and the files in OUT_DIR."""
 
-    def __init__(self, out: Path, budget: float) -> None:
+    def __init__(self, out: Path, budget: float, shares: dict[str, float] | None = None) -> None:
         self.out = out
         self.budget = budget
+        self.shares = dict(SHARES if shares is None else shares)
         self.t0 = time.monotonic()
         self.deadline = self.t0 + budget
         self.final_reserve = FINAL_RESERVE * budget
@@ -101,7 +144,7 @@ class Run:
 
     def stage_deadline(self, name: str) -> float:
         """Monotonic time by which the stage's cases must stop."""
-        own = time.monotonic() + SHARES.get(name, 0.1) * self.budget
+        own = time.monotonic() + self.shares.get(name, 0.1) * self.budget
         return min(own, self.deadline - self.final_reserve)
 
     def stage(self, name: str, fn, *, need_s: float = 1.0) -> None:
@@ -127,13 +170,13 @@ class Run:
         """Rewrite the results written so far (CSV, JSON, summary.md)."""
         if self.rec is None:
             return
-        from dysink_kernels import bench
+        from report import markdown_summary
 
         self.rec.env["stages"] = self.stages
         self.rec.env["tests"] = self.tests
         try:
             self.rec.write(self.out)
-            summary = bench.markdown_summary(self.rec.rows, self.rec.env)
+            summary = markdown_summary(self.rec.rows, self.rec.env)
             (self.out / "summary.md").write_text(summary)
         except Exception as err:  # never lose the run to a report
             self.log(f"  writing results failed: {err}")
@@ -141,10 +184,11 @@ class Run:
 
 # ----------------------------------------------------------------------------- stages
 def stage_env(run: Run, device, dry: bool) -> None:
-    from dysink_kernels import bench
     from dysink_kernels.__main__ import info
 
-    env = bench.environment(device)
+    from measure import Recorder, environment
+
+    env = environment(device)
     env["mode"] = "dry-run (CPU, tiny shapes, Triton interpreter)" if dry else "gpu"
     env["budget_s"] = run.budget
     env["argv"] = sys.argv
@@ -159,7 +203,7 @@ def stage_env(run: Run, device, dry: bool) -> None:
     except Exception as err:  # the backend table is a nicety
         env["info"] = f"failed: {err}"
     (run.out / "env.json").write_text(json.dumps(env, indent=1, default=str))
-    run.rec = bench.Recorder(env)
+    run.rec = Recorder(env)
     extra = f", {env.get('sm_count')} SMs, CUDA {env.get('cuda')}" if device.type == "cuda" else ""
     run.log(f"device {env['device_name']}{extra}; torch {env['torch']}, triton {env['triton']}")
 
@@ -254,21 +298,23 @@ def stage_tests(run: Run, dry: bool) -> None:
 
 
 def stage_attention(run: Run, plan, device, dry: bool) -> None:
-    from dysink_kernels import available_backends, bench
+    from dysink_kernels import available_backends
+
+    from attention import config_scan, run_attention
 
     until = run.stage_deadline("attention")
-    bench.run_attention(run.rec, plan, device, allow_interpreter=dry, deadline=until, log=run.log)
+    run_attention(run.rec, plan, device, allow_interpreter=dry, deadline=until, log=run.log)
     run.flush()
     if "triton" in available_backends("gathered_attention", device):
-        bench.config_scan(run.rec, plan, device, deadline=until, log=run.log)
+        config_scan(run.rec, plan, device, deadline=until, log=run.log)
     else:
         run.log("  config scan: triton is not available here")
 
 
 def stage_small_ops(run: Run, plan, device, dry: bool) -> None:
-    from dysink_kernels import bench
+    from small_ops import run_small_ops
 
-    bench.run_small_ops(
+    run_small_ops(
         run.rec,
         plan,
         device,
@@ -279,21 +325,28 @@ def stage_small_ops(run: Run, plan, device, dry: bool) -> None:
 
 
 def stage_pipeline(run: Run, plan, device) -> None:
-    from dysink_kernels import bench
+    from pipelines import run_pipeline, run_scaling
 
     until = run.stage_deadline("pipeline")
-    bench.run_pipeline(run.rec, plan, device, deadline=until, log=run.log)
+    run_pipeline(run.rec, plan, device, deadline=until, log=run.log)
     run.flush()
-    bench.run_scaling(run.rec, plan, device, deadline=until, log=run.log)
+    run_scaling(run.rec, plan, device, deadline=until, log=run.log)
+
+
+def stage_model(run: Run, plan, device) -> None:
+    from model_scale import run_model_scale
+
+    run_model_scale(run.rec, plan, device, deadline=run.stage_deadline("model"), log=run.log)
 
 
 def stage_final(run: Run) -> None:
-    from dysink_kernels import bench
+    from memory import add_memory_rows
+    from report import add_derived_rows, plot
 
-    bench.add_memory_rows(run.rec)
-    bench.add_derived_rows(run.rec)
+    add_memory_rows(run.rec)
+    add_derived_rows(run.rec)
     run.flush()
-    png = bench.plot(run.rec.rows, run.rec.env, run.out / "bench.png")
+    png = plot(run.rec.rows, run.rec.env, run.out / "bench.png")
     run.log("  plot: " + (str(png) if png else "matplotlib is not installed (no PNG)"))
 
 
@@ -364,6 +417,17 @@ def compact_summary(run: Run) -> str:
                     for v, p in pts.items()
                 ]
                 out.append(f"  {axis}: " + ", ".join(cells))
+    model = [r for r in measured if r["suite"] == "model"]
+    if model:
+        out.append(
+            f"cost of memory, whole model per block [{model[0]['shape']} {model[0]['dtype']}]:"
+        )
+        out += [
+            f"  {r['provider']:16} {r['median_ms']:9.1f} ms  syncs {r['host_syncs']} "
+            f"h2d {_f(r['h2d_bytes'] / 1e6, '.1f')} MB  peak "
+            f"{_f(r['peak_mem_bytes'] / 1e6 if r['peak_mem_bytes'] != '' else '', '.0f')} MB"
+            for r in model
+        ]
     derived = [r for r in rows if r["kind"] == "derived"]
     if derived:
         out.append("derived:")
@@ -397,15 +461,24 @@ def main(argv: list[str] | None = None) -> int:
         # Before anything imports Triton: its interpreter runs the kernels on CPU tensors.
         os.environ["TRITON_INTERPRET"] = "1"
     budget = args.budget or (110.0 if args.dry_run else 480.0)
-    run = Run(args.out, budget)
+    from measure import check_writable
+
+    try:  # before any work: an unwritable folder would lose the run
+        check_writable(args.out)
+    except OSError as err:
+        print(f"gpu_suite.py: error: {err}", file=sys.stderr)
+        return 2
+    stages = tuple(s for s in args.stages if not (s == "tests" and args.skip_tests))
+    run = Run(args.out, budget, stage_shares(stages))
 
     import torch
 
-    from dysink_kernels import bench
+    from measure import Recorder, configure_cpu_threads
+    from plans import plan_for
 
     if args.dry_run:
         device = torch.device("cpu")
-        bench.configure_cpu_threads(device)
+        configure_cpu_threads(device)
     elif torch.cuda.is_available():
         device = torch.device("cuda")
     else:
@@ -413,8 +486,18 @@ def main(argv: list[str] | None = None) -> int:
         run.stage("env", lambda: stage_env(run, torch.device("cpu"), False))
         print(compact_summary(run))
         return 2
-    plan = bench.plan_for(device, dry=args.dry_run)
-    run.log(f"gpu_suite: plan {plan.name}, budget {budget:.0f} s, out {args.out}")
+    plan = plan_for(device, dry=args.dry_run)
+    run.log(
+        f"gpu_suite: plan {plan.name}, budget {budget:.0f} s, stages {','.join(stages)}, "
+        f"out {args.out}"
+    )
+    steps = {
+        "tests": (lambda: stage_tests(run, args.dry_run), 20),
+        "attention": (lambda: stage_attention(run, plan, device, args.dry_run), 10),
+        "small_ops": (lambda: stage_small_ops(run, plan, device, args.dry_run), 5),
+        "pipeline": (lambda: stage_pipeline(run, plan, device), 10),
+        "model": (lambda: stage_model(run, plan, device), 10),
+    }
 
     # The hard deadline interrupts whatever runs when the final stage's reserve begins.
     signal.signal(signal.SIGALRM, _raise_deadline)
@@ -423,12 +506,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run.stage("env", lambda: stage_env(run, device, args.dry_run))
         if run.rec is None:  # keep the later stages usable without the env stage
-            run.rec = bench.Recorder({"device": device.type, "device_name": str(device)})
-        if not args.skip_tests:
-            run.stage("tests", lambda: stage_tests(run, args.dry_run), need_s=20)
-        run.stage("attention", lambda: stage_attention(run, plan, device, args.dry_run), need_s=10)
-        run.stage("small_ops", lambda: stage_small_ops(run, plan, device, args.dry_run), need_s=5)
-        run.stage("pipeline", lambda: stage_pipeline(run, plan, device), need_s=10)
+            run.rec = Recorder({"device": device.type, "device_name": str(device)})
+        for name in stages:
+            fn, need_s = steps[name]
+            run.stage(name, fn, need_s=need_s)
     except Deadline as err:  # between stages
         run.log(f"== {err}")
     finally:

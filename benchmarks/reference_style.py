@@ -1,5 +1,5 @@
 """A reference-style per-block pipeline: what the published DySink code does for one
-sample, written the way it is written (DESIGN 2), as the baseline of the benchmarks.
+sample, written the way it is written, as the baseline of the benchmarks.
 
 Read from yebo0216best/DySink (``pipeline/memory_causal_inference_eb.py``,
 ``utils/memory_bank.py``, ``wan/modules/causal_model.py``); no code is copied. Per
@@ -32,14 +32,21 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
-from dysink_kernels.bench import DISTINCT_PREFILL_BYTES, PipelineShape, Workload, dense_attention
+from attention import dense_attention
+from plans import PipelineShape, Workload
 
 __all__ = ["ReferenceStylePipeline"]
 
+# Synthetic bank entries share one zero buffer beyond this many bytes (only the
+# retrieved entries are ever read, so the copies cost the same).
+DISTINCT_PREFILL_BYTES = 4 << 30
+
 
 class ReferenceStylePipeline:
-    """Per-block baseline with the same interface as ``dysink_kernels.bench.OursPipeline``:
-    ``prepare()`` (untimed), ``run_block()``, ``moved_bytes()``.
+    """Per-block baseline with the same interface as ``pipelines.OursPipeline``:
+    ``prepare()`` (untimed), ``run_block()``, ``moved_bytes()``, and the per-block
+    protocol a model drives: ``begin_block()``, ``attend(layer, q, k, v, commit)``,
+    ``end_block(feature)``.
 
     ``entries`` old bank entries are prefilled synthetically (features on the host,
     zero K/V), all outside the excluded window. The bank is unbounded (the reference's
@@ -88,6 +95,9 @@ class ReferenceStylePipeline:
         self.d2h_bytes = 0
         self.block = 0
         self._call = 0
+        self._retrieval: list[dict] | None = None
+        self._local_attn = s.local_frames
+        self._current_start = 0
         self._prefill(entries)
 
     # ------------------------------------------------------------------ state
@@ -318,30 +328,55 @@ class ReferenceStylePipeline:
 
     # ------------------------------------------------------------------ one block
     @torch.no_grad()
-    def run_block(self) -> None:
+    def begin_block(self) -> None:
+        """Retrieval for the block: the chosen entries' K/V copied to the device."""
         s = self.shape
         frame = self.block * s.frames_per_block
-        local_attn = self._adjusted_local_attn_size(len(self.bank))
+        self._local_attn = self._adjusted_local_attn_size(len(self.bank))
         retrieval = None
         if self.recent:
             per_sample = [None]
             if self.bank:
                 per_sample[0] = self._retrieve([f[0] for f in self.recent], frame)
             retrieval = self._merge_batch(per_sample)
-        current_start = frame * self.frame_seq_length
-        for _ in range(s.steps):
-            for layer in range(s.layers):
-                q, k, v = self.work.qkv(self._call)
-                self._call += 1
-                layer_retrieval = None if retrieval is None else retrieval[layer]
-                self._attend(layer, q, k, v, current_start, local_attn, layer_retrieval)
-        for layer in range(s.layers):  # clean pass: no retrieved entries
-            q, k, v = self.work.qkv(self._call)
-            self._call += 1
-            self._attend(layer, q, k, v, current_start, local_attn, None)
-        feature = self.work.feature(self.block)
+        self._retrieval = retrieval
+        self._current_start = frame * self.frame_seq_length
+
+    @torch.no_grad()
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, commit: bool = False
+    ) -> torch.Tensor:
+        """One self-attention call; the clean pass (``commit``) attends no retrieved entry."""
+        retrieval = None if commit or self._retrieval is None else self._retrieval[layer]
+        return self._attend(layer, q, k, v, self._current_start, self._local_attn, retrieval)
+
+    @torch.no_grad()
+    def end_block(self, feature: torch.Tensor) -> None:
+        """Dedup on the host, then store the block's K/V in host memory."""
+        frame = self.block * self.shape.frames_per_block
         max_sim = self._check_similarity(feature[0])
         if not (self.bank and max_sim > self.dedup):
             self._store(frame, feature[0])
         self.recent.append(feature)
         self.block += 1
+
+    def block_feature(self) -> torch.Tensor:
+        """The caller's feature of the current block (the workload's)."""
+        return self.work.feature(self.block)
+
+    def first_frame(self) -> int:
+        """First frame of the current block."""
+        return self.block * self.shape.frames_per_block
+
+    def run_block(self) -> None:
+        """One block on the workload's synthetic q/k/v."""
+        s = self.shape
+        self.begin_block()
+        for _ in range(s.steps):
+            for layer in range(s.layers):
+                self.attend(layer, *self.work.qkv(self._call))
+                self._call += 1
+        for layer in range(s.layers):
+            self.attend(layer, *self.work.qkv(self._call), commit=True)
+            self._call += 1
+        self.end_block(self.block_feature())

@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import pytest
 
-from dysink_kernels import bench
+from attention import (
+    ATTN_ATOL,
+    attention_call,
+    attention_cases,
+    attention_error,
+    attention_inputs,
+    attention_row,
+)
+from measure import Timing, default_device, rotating, synchronized
+from plans import plan_for
 
-DEVICE = bench.default_device()
-PLAN = bench.plan_for(DEVICE)
+DEVICE = default_device()
+PLAN = plan_for(DEVICE)
 
-CASES = bench.attention_cases(PLAN, DEVICE)
+CASES = attention_cases(PLAN, DEVICE)
 
 
 @pytest.mark.parametrize(
@@ -22,17 +31,17 @@ CASES = bench.attention_cases(PLAN, DEVICE)
 def test_attention(benchmark, recorder, shape, provider, reason):
     if reason is not None:
         pytest.skip(reason)
-    inputs = bench.attention_inputs(shape, DEVICE, n_sets=PLAN.n_sets)
-    calls = [bench.attention_call(provider, inp) for inp in inputs]
-    error = bench.attention_error(calls[0](), inputs[0], calls[0])
-    assert error <= bench.ATTN_ATOL[shape.dtype], f"{provider.id}: max error {error:.3g}"
+    inputs = attention_inputs(shape, DEVICE, n_sets=PLAN.n_sets)
+    calls = [attention_call(provider, inp) for inp in inputs]
+    error = attention_error(calls[0](), inputs[0], calls[0])
+    assert error <= ATTN_ATOL[shape.dtype], f"{provider.id}: max error {error:.3g}"
     benchmark.group = f"attention {shape.layout} {shape.label()}"
     benchmark.extra_info.update(flops=shape.flops(), provider=provider.id)
     benchmark.pedantic(
-        bench.synchronized(bench.rotating(calls), DEVICE),
+        synchronized(rotating(calls), DEVICE),
         rounds=PLAN.attn_rounds,
         warmup_rounds=PLAN.warmup,
     )
-    timing = bench.Timing.from_benchmark(benchmark)
+    timing = Timing.from_benchmark(benchmark)
     if timing is not None:
-        bench.attention_row(recorder, shape, provider, timing, error)
+        attention_row(recorder, shape, provider, timing, error)

@@ -8,30 +8,32 @@ from __future__ import annotations
 
 import pytest
 
-from dysink_kernels import bench
+from measure import Timing, default_device, synchronized
+from pipelines import PIPELINES, make_pipeline, pipeline_counters, pipeline_row, scaling_points
+from plans import Workload, plan_for
 
-DEVICE = bench.default_device()
-PLAN = bench.plan_for(DEVICE)
+DEVICE = default_device()
+PLAN = plan_for(DEVICE)
 
 
 def _run(benchmark, recorder, name, shape, *, suite, case, entries, rounds, value=None):
-    work = bench.Workload(shape, DEVICE)
-    pipe = bench.make_pipeline(name, shape, DEVICE, work, entries=entries)
+    work = Workload(shape, DEVICE)
+    pipe = make_pipeline(name, shape, DEVICE, work, entries=entries)
     benchmark.group = f"{suite} {case}" + ("" if value is None else f"={value}")
     benchmark.extra_info.update(shape=shape.label(), entries=entries)
     benchmark.pedantic(
-        bench.synchronized(pipe.run_block, DEVICE),
+        synchronized(pipe.run_block, DEVICE),
         setup=pipe.prepare,
         rounds=rounds,
         warmup_rounds=PLAN.warmup,
     )
-    timing = bench.Timing.from_benchmark(benchmark)
+    timing = Timing.from_benchmark(benchmark)
     if timing is None:
         return
-    counters = bench.pipeline_counters(pipe, DEVICE)
+    counters = pipeline_counters(pipe, DEVICE)
     if name == "ours":
         assert counters["host_syncs"] == 0, counters
-    bench.pipeline_row(
+    pipeline_row(
         recorder,
         suite=suite,
         case=case,
@@ -45,7 +47,7 @@ def _run(benchmark, recorder, name, shape, *, suite, case, entries, rounds, valu
     )
 
 
-@pytest.mark.parametrize("name", bench.PIPELINES)
+@pytest.mark.parametrize("name", PIPELINES)
 def test_per_block(benchmark, recorder, name):
     _run(
         benchmark,
@@ -59,10 +61,10 @@ def test_per_block(benchmark, recorder, name):
     )
 
 
-POINTS = bench.scaling_points(PLAN)
+POINTS = scaling_points(PLAN)
 
 
-@pytest.mark.parametrize("name", bench.PIPELINES)
+@pytest.mark.parametrize("name", PIPELINES)
 @pytest.mark.parametrize(
     ("axis", "value", "shape", "entries"), POINTS, ids=[f"{a}={v}" for a, v, _, _ in POINTS]
 )

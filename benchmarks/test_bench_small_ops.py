@@ -6,23 +6,25 @@ from __future__ import annotations
 
 import pytest
 
-from dysink_kernels import bench
+from measure import Timing, default_device, synchronized
+from plans import plan_for
+from small_ops import small_op_call, small_op_cases, small_op_row
 
-DEVICE = bench.default_device()
-PLAN = bench.plan_for(DEVICE)
+DEVICE = default_device()
+PLAN = plan_for(DEVICE)
 
-CASES = bench.small_op_cases(DEVICE)
+CASES = small_op_cases(DEVICE)
 
 
 @pytest.mark.parametrize(("op", "backend", "reason"), CASES, ids=[f"{o}-{b}" for o, b, _ in CASES])
 def test_small_op(benchmark, recorder, op, backend, reason):
     if reason is not None:
         pytest.skip(reason)
-    fn, nbytes = bench.small_op_call(op, backend, PLAN.small, DEVICE)
+    fn, nbytes = small_op_call(op, backend, PLAN.small, DEVICE)
     benchmark.group = f"small_ops {op} {PLAN.small.label(op)}"
     benchmark.pedantic(
-        bench.synchronized(fn, DEVICE), rounds=PLAN.small_rounds, warmup_rounds=PLAN.warmup
+        synchronized(fn, DEVICE), rounds=PLAN.small_rounds, warmup_rounds=PLAN.warmup
     )
-    timing = bench.Timing.from_benchmark(benchmark)
+    timing = Timing.from_benchmark(benchmark)
     if timing is not None:
-        bench.small_op_row(recorder, op, backend, PLAN.small, timing, nbytes)
+        small_op_row(recorder, op, backend, PLAN.small, timing, nbytes)

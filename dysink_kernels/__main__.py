@@ -1,4 +1,4 @@
-"""Command line: ``python -m dysink_kernels {demo,kernels,rope-diagnostic,info,bench}``."""
+"""Command line: ``python -m dysink_kernels {demo,kernels,rope-diagnostic,info}``."""
 
 from __future__ import annotations
 
@@ -115,18 +115,6 @@ def _cmd_kernels(args: argparse.Namespace) -> int:
     return 1 if failures and args.strict else 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import SUITES, main
-
-    suites = [s.strip() for s in args.suites.split(",") if s.strip()]
-    unknown = sorted(set(suites) - set(SUITES))
-    if unknown:
-        print(f"unknown suites {unknown}; choose from {','.join(SUITES)}", file=sys.stderr)
-        return 2
-    main(args.out, quick=args.quick, device=args.device, suites=suites)
-    return 0
-
-
 def _cmd_rope_diagnostic(args: argparse.Namespace) -> int:
     from .tools.diagnostics import plot_rope_diagnostic, rope_diagnostic
 
@@ -203,21 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="versions, devices and available backends")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=_cmd_info)
-
-    b = sub.add_parser(
-        "bench", help="benchmarks (attention, per-block vs reference_style, scaling, small ops)"
-    )
-    b.add_argument(
-        "--out", default="bench_out", help="folder for results.csv/json, summary.md, bench.png"
-    )
-    b.add_argument("--quick", action="store_true", help="fewer rounds and points (CPU: < 1 min)")
-    b.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    b.add_argument(
-        "--suites",
-        default="attention,pipeline,scaling,small_ops,memory",
-        help="comma-separated subset of attention,pipeline,scaling,small_ops,memory",
-    )
-    b.set_defaults(fn=_cmd_bench)
     return p
 
 
