@@ -431,11 +431,13 @@ def _loop_fields(spec: KernelSpec, sass: str) -> dict:
     loop = worst_key_loop(sass)
     keys = _keys_per_iteration(spec)
     if loop is None or keys is None:
-        return {"loop_instructions": None, "loop_body": None, "loop_keys": keys}
+        return dict.fromkeys(("loop_instructions", "loop_body", "loop_keys",
+                              "loop_tensor_core_ops"))  # fmt: skip
     return {
         "loop_instructions": round(loop.instructions * LOOP_KEYS / keys, 1),
         "loop_body": loop.instructions,
         "loop_keys": keys,
+        "loop_tensor_core_ops": loop.tensor_core_ops,
     }
 
 
