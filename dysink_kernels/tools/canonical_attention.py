@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernel_report import KernelSpec, signature_for
+from .kernel_report import CANONICAL_NAME, KernelSpec, signature_for
 
 __all__ = ["aot_specs", "canonical_attention"]
 
@@ -33,10 +33,10 @@ _TMA_ARCH = 90  # the first compute capability with the tensor memory accelerato
 @triton.jit
 def _canonical_tile(
     b_q, b_k, b_v, acc, m_i, l_i, qk_scale, n_valid,
-    MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Fold one key tile into the online softmax (base 2, scale folded)."""
-    b_s = tl.dot(b_q, b_k)
+    b_s = tl.dot(b_q, b_k, input_precision=PRECISION)
     if MASKED:
         b_s = tl.where(tl.arange(0, BLOCK_N)[None, :] < n_valid, b_s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)
@@ -44,7 +44,7 @@ def _canonical_tile(
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(b_p, 1)
     acc = acc * alpha[:, None]
-    acc = tl.dot(b_p.to(b_v.dtype), b_v, acc)
+    acc = tl.dot(b_p.to(b_v.dtype), b_v, acc, input_precision=PRECISION)
     return acc, m_new, l_i
 
 
@@ -52,9 +52,11 @@ def _canonical_tile(
 def _canonical_attn_fwd(
     Q, K, V, OUT, qk_scale, B, Sq, Sk, H,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     """``OUT = softmax(Q K^T * qk_scale / log2(e)) V`` for contiguous ``(B, S, H, D)``
-    tensors; ``qk_scale`` is the softmax scale times ``log2(e)``. One program per
+    tensors; ``qk_scale`` is the softmax scale times ``log2(e)``; ``PRECISION`` is
+    ``tl.dot``'s input precision (it matters for fp32 inputs only). One program per
     (query tile, batch * head)."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -91,17 +93,17 @@ def _canonical_attn_fwd(
             b_k = tl.load(p_k + start_n * row_stride)
             b_v = tl.load(p_v + start_n * row_stride)
         acc, m_i, l_i = _canonical_tile(b_q, b_k, b_v, acc, m_i, l_i, qk_scale, BLOCK_N,
-                                        False, BLOCK_N)  # fmt: skip
+                                        False, BLOCK_N, PRECISION)  # fmt: skip
     if n_full < Sk:
-        m_n = (n_full + o_n) < Sk
         if USE_TMA:
             b_k = desc_k.load([k_row0 + n_full, i_h * D]).T
             b_v = desc_v.load([k_row0 + n_full, i_h * D])
         else:
+            m_n = (n_full + o_n) < Sk
             b_k = tl.load(p_k + n_full * row_stride, mask=m_n[None, :], other=0.0)
             b_v = tl.load(p_v + n_full * row_stride, mask=m_n[:, None], other=0.0)
         acc, m_i, l_i = _canonical_tile(b_q, b_k, b_v, acc, m_i, l_i, qk_scale, Sk - n_full,
-                                        True, BLOCK_N)  # fmt: skip
+                                        True, BLOCK_N, PRECISION)  # fmt: skip
     acc = acc / l_i[:, None]
     p_o = OUT + (i_b * Sq + o_m)[:, None] * row_stride + i_h * D + o_d[None, :]
     tl.store(p_o, acc.to(OUT.dtype.element_ty), mask=m_q[:, None])
@@ -150,13 +152,13 @@ def canonical_attention(
     _canonical_attn_fwd[grid](
         q, k, v, out, scale * LOG2E, batch, sq, k.shape[1], heads,
         D=dim, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=use_tma,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
 
 
 # ----------------------------------------------------------------------------- AOT report
-CANONICAL_NAME = "canonical_attn"
 # The reference shape (B=1, Sq=4680, Sk=23,400 window + slot keys, H=12): integer
 # arguments take these values so that Triton specialises them as at run time.
 _B, _SQ, _SK, _H = 1, 4680, 23400, 12
@@ -184,7 +186,8 @@ def aot_specs(arch: int) -> list[KernelSpec]:
         seen.append(att.config)
         block_m, block_n, dim = _tiles(att)
         dtype = att.config.get("dtype", "bf16")
-        constexprs = dict(D=dim, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=arch >= _TMA_ARCH)
+        constexprs = dict(D=dim, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=arch >= _TMA_ARCH,
+                          PRECISION="tf32")  # fmt: skip
         if _B == 1:
             constexprs["B"] = 1
         pointers = {name: f"*{dtype}" for name in ("Q", "K", "V", "OUT")}

@@ -7,12 +7,16 @@ bytes, shared memory, and the tensor-core instructions in the SASS (``HGMMA`` is
 Hopper's wgmma, ``HMMA`` the mma.sync of Ampere and later).
 
 Each kernel with a tensor-core key loop also gets ``loop_instructions``: the SASS
-instructions of its worst steady-state key loop (a backward branch whose body holds
-the HGMMA/HMMA), scaled to 64 keys. The same report compiles a canonical
-flash-attention forward over one contiguous KV at each attention configuration
-(``canonical_attention.py``), and every ``gathered_attn`` row carries the canonical
-loop and the ratio ours/canonical: the loop is issue-bound on Hopper, so that ratio
-is the kernel's efficiency as far as it can be judged without a GPU.
+instructions of its worst steady-state key loop, scaled to 64 keys. A key loop is an
+innermost natural loop of the control-flow graph (a backward branch to a block that
+dominates it) whose body holds HGMMA/HMMA; it is counted from its head to its last
+backward branch, without the out-of-line paths the compiler places after it (an
+mbarrier wait's retry, a shuffle's divergent path). The same report compiles a
+canonical flash-attention forward over one contiguous KV at each attention
+configuration (``canonical_attention.py``), and every ``gathered_attn`` row carries
+the canonical loop and the ratio ours/canonical. At two warps per scheduler a
+Hopper tile has ~1024 cycles of tensor-core work to hide the loop's issue slots in,
+so every instruction beyond the canonical loop is likely paid in time.
 
 Kernel modules contribute ``aot_specs(arch) -> list[KernelSpec]``. Must run in a
 process where ``TRITON_INTERPRET`` was not set when Triton was imported.
