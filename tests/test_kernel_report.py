@@ -148,6 +148,17 @@ def test_parser_reads_nvdisasm_labels():
     assert worst_key_loop("no code here") is None
 
 
+def test_loop_entered_at_its_bottom_test():
+    """``BRA test; body: ...; test: @P0 BRA body``: the test block heads the loop."""
+    listing = _cuobjdump_listing(
+        ["S2R R0, SR_TID.X", "BRA 0x40", "HMMA.16816.F32.BF16 R4, R8, R12, R4", "FADD R1, R1, R2",
+         "ISETP.NE.AND P0, PT, R1, R3, PT", "@P0 BRA 0x20", "EXIT"]
+    )  # fmt: skip
+    (loop,) = key_loops(listing)
+    assert (loop.head, loop.end, loop.members) == (4, 5, (2, 3, 4, 5))
+    assert loop.tensor_core_ops == 1 and loop.mix()["HMMA"] == 1
+
+
 # ----------------------------------------------------------------------------- arch
 def test_arch_number_accepts_only_supported_archs():
     assert arch_number("sm_90") == arch_number("sm_90a") == arch_number(90) == 90
@@ -333,8 +344,11 @@ def test_loop_count_agrees_between_cuobjdump_and_nvdisasm(tmp_path):
     a, b = worst_key_loop(sass), worst_key_loop(listing)
     assert a is not None and b is not None
     assert (a.head, a.end, a.instructions) == (b.head, b.end, b.instructions)
-    assert a.tensor_core_ops == 12  # 8 HGMMA for Q K^T, 4 for P V at 128x64x128
-    mufu = sum(
-        ins.opcode == "MUFU.EX2" for ins in parse_sass(sass)["_canonical_attn_fwd"][a.head : a.end]
-    )
-    assert mufu >= 64 * 128 // 256  # one exp2 per score per thread, plus the row rescales
+    assert a.opcodes == b.opcodes
+    mix = a.mix()
+    # the textbook Hopper loop at 128x64x128: 8 HGMMA for Q K^T and 4 for P V, K and
+    # V by TMA, one exp2 per score per thread (32) plus the two row rescales, the
+    # scale folded into one FFMA per exp2
+    assert a.tensor_core_ops == mix["HGMMA"] == 12
+    assert mix["UTMALDG"] == 2 and mix["LDGSTS"] == 0
+    assert mix["MUFU.EX2"] == 34 and mix["FFMA"] >= 32

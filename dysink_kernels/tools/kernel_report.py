@@ -29,6 +29,7 @@ import os
 import re
 import subprocess
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -70,6 +71,7 @@ LOOP_RATIO_STATS = 1.20  # module+stats, op+stats
 # (the row with the same call and no variant flags, e.g. module for module+stats+fp8).
 LOOP_RATIO_VARIANT = 1.25
 LOOP_KEYS = 64  # loop_instructions are per this many keys
+LOOP_MIX_SHOWN = 12  # the most frequent opcodes of the worst loop, in --json
 ATTENTION_PREFIX = "gathered_attn"
 CANONICAL_NAME = "canonical_attn"
 # Flags in a gathered_attn[...] name that select the variant gate.
@@ -188,18 +190,32 @@ class SassInstruction:
 @dataclass(frozen=True)
 class SassLoop:
     """A natural loop of one function: ``head`` is the index of its first instruction,
-    ``end`` that of its last backward branch. ``instructions`` counts the loop's
-    instructions from the head down to that branch; out-of-line blocks placed after
-    it (the retry path of an mbarrier wait, which jumps back into the loop) are not
-    part of the steady state and are left out. ``tensor_core_ops`` counts the
-    HGMMA/HMMA-family instructions among them."""
+    ``end`` that of its backward branch (of the loop test, when the compiler puts the
+    test at the bottom and enters the loop by jumping to it), ``members`` the indices
+    of its instructions from the head down to ``end`` and ``opcodes`` theirs.
+    Out-of-line blocks placed after the branch (the retry path of an mbarrier wait,
+    a shuffle's divergent path, both jumping back into the loop) are not part of the
+    steady state and are left out."""
 
     function: str
     head: int
     end: int
-    instructions: int
-    tensor_core_ops: int
-    blocks: frozenset[int] = frozenset()
+    members: tuple[int, ...]
+    opcodes: tuple[str, ...]
+
+    @property
+    def instructions(self) -> int:
+        """Instructions in the steady-state loop."""
+        return len(self.members)
+
+    @property
+    def tensor_core_ops(self) -> int:
+        """HGMMA/HMMA-family instructions in the loop."""
+        return sum(op.split(".", 1)[0] in TENSOR_CORE_OPCODES for op in self.opcodes)
+
+    def mix(self) -> Counter:
+        """Instructions per opcode without modifiers (``MUFU.EX2`` kept whole)."""
+        return Counter(op if op.startswith("MUFU") else op.split(".", 1)[0] for op in self.opcodes)
 
 
 def parse_sass(text: str) -> dict[str, list[SassInstruction]]:
@@ -353,7 +369,6 @@ def _loops(name: str, instrs: list[SassInstruction]) -> list[SassLoop]:
             if dominates(h, u):
                 latches.setdefault(h, []).append(u)
     ends = [*starts[1:], len(instrs)]
-    tc = [ins.base in TENSOR_CORE_OPCODES for ins in instrs]
     preds: dict[int, list[int]] = {b: [] for b in idom}
     for p in idom:
         for b in succs[p]:
@@ -367,18 +382,12 @@ def _loops(name: str, instrs: list[SassInstruction]) -> list[SassLoop]:
                 if p not in body:
                     body.add(p)
                     work.append(p)
-        last = max(ends[u] - 1 for u in us)
-        hot = frozenset(b for b in body if starts[b] <= last)
-        loops.append(
-            SassLoop(
-                function=name,
-                head=starts[h],
-                end=last,
-                instructions=sum(ends[b] - starts[b] for b in hot),
-                tensor_core_ops=sum(sum(tc[starts[b] : ends[b]]) for b in hot),
-                blocks=hot,
-            )
+        last = max(ends[b] - 1 for b in (*us, h))  # h last when the test is at the bottom
+        members = tuple(
+            i for b in sorted(body) if starts[b] <= last for i in range(starts[b], ends[b])
         )
+        opcodes = tuple(instrs[i].opcode for i in members)
+        loops.append(SassLoop(name, starts[h], last, members, opcodes))
     return loops
 
 
@@ -389,7 +398,10 @@ def key_loops(sass: str | dict[str, list[SassInstruction]]) -> list[SassLoop]:
     found = []
     for name, instrs in functions.items():
         mma = [lp for lp in _loops(name, instrs) if lp.tensor_core_ops]
-        found += [lp for lp in mma if not any(o is not lp and o.blocks <= lp.blocks for o in mma)]
+        sets = {lp.head: set(lp.members) for lp in mma}
+        found += [
+            lp for lp in mma if not any(o is not lp and sets[o.head] <= sets[lp.head] for o in mma)
+        ]
     return found
 
 
@@ -437,12 +449,13 @@ def _loop_fields(spec: KernelSpec, sass: str) -> dict:
     keys = _keys_per_iteration(spec)
     if loop is None or keys is None:
         return dict.fromkeys(("loop_instructions", "loop_body", "loop_keys",
-                              "loop_tensor_core_ops"))  # fmt: skip
+                              "loop_tensor_core_ops", "loop_mix"))  # fmt: skip
     return {
         "loop_instructions": round(loop.instructions * LOOP_KEYS / keys, 1),
         "loop_body": loop.instructions,
         "loop_keys": keys,
         "loop_tensor_core_ops": loop.tensor_core_ops,
+        "loop_mix": dict(loop.mix().most_common(LOOP_MIX_SHOWN)),
     }
 
 
