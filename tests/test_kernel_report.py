@@ -159,6 +159,19 @@ def test_loop_entered_at_its_bottom_test():
     assert loop.tensor_core_ops == 1 and loop.mix()["HMMA"] == 1
 
 
+def test_loop_fields_scale_to_64_keys():
+    sass = _cuobjdump_listing(_SYNTHETIC)
+    spec = kr.KernelSpec("k", fn=None, signature={}, constexprs={"BLOCK_N": 32}, num_warps=4,
+                         num_stages=1)  # fmt: skip
+    fields = kr._loop_fields(spec, sass)
+    assert (fields["loop_body"], fields["loop_keys"], fields["loop_instructions"]) == (9, 32, 18)
+    assert fields["loop_tensor_core_ops"] == 1 and fields["loop_mix"]["HGMMA"] == 1
+    spec.loop_keys = 128  # a loop unrolled over two 64-key tiles
+    assert kr._loop_fields(spec, sass)["loop_instructions"] == 4.5
+    spec.loop_keys, spec.constexprs = None, {}
+    assert kr._loop_fields(spec, sass)["loop_instructions"] is None
+
+
 # ----------------------------------------------------------------------------- arch
 def test_arch_number_accepts_only_supported_archs():
     assert arch_number("sm_90") == arch_number("sm_90a") == arch_number(90) == 90

@@ -95,6 +95,8 @@ class KernelSpec:
     config: dict = field(default_factory=dict)
     divisible: tuple[str, ...] = ()  # arguments known to be multiples of 16 (pointers too)
     needs_tensor_cores: bool = False
+    # keys one trip of the key loop consumes, when not BLOCK_N (a loop unrolled by 2)
+    loop_keys: int | None = None
 
 
 def signature_for(
@@ -439,7 +441,10 @@ def _resource_usage(usage: str, sass: str) -> dict:
 
 
 def _keys_per_iteration(spec: KernelSpec) -> int | None:
-    """Keys one trip of the key loop consumes: ``BLOCK_N`` (or the config's block_n)."""
+    """Keys one trip of the key loop consumes: the spec's ``loop_keys``, else
+    ``BLOCK_N`` (or the config's block_n)."""
+    if spec.loop_keys:
+        return spec.loop_keys
     block_n = spec.constexprs.get("BLOCK_N", spec.config.get("block_n"))
     return int(block_n) if block_n else None
 
