@@ -1,4 +1,6 @@
 // bank_insert on CUDA: device-side dedup and slot choice, K/V copy, mean keys.
+// The pools hold float16/bfloat16/float32 elements or the bytes of an fp8 bank
+// (uint8, copied as they are).
 //
 // Three launches in stream order: choose (reads the bank, writes the metadata of
 // the samples that store), copy (K/V rows and per-chunk key sums), means (mean
@@ -248,7 +250,7 @@ cudaError_t launch_bank_insert(const BankInsertArgs& a, cudaStream_t stream) {
   });
   const int64_t chunks = ceil_div(a.S_e, kCopyRows);
   if (chunks > 0 && a.HD > 0 && a.L > 0) {
-    dispatch_float(a.kv_type, [&](auto tag) {
+    const auto copy = [&](auto tag) {
       using T = typename decltype(tag)::type;
       constexpr int kVec = kVecBytes / sizeof(T);
       const int64_t vb = kVecBytes;
@@ -262,7 +264,12 @@ cudaError_t launch_bank_insert(const BankInsertArgs& a, cudaStream_t stream) {
       } else {
         launch_copy<T, 1>(a, chunks, stream);
       }
-    });
+    };
+    if (a.kv_bytes) {
+      copy(TypeTag<uint8_t>{});
+    } else {
+      dispatch_float(a.kv_type, copy);
+    }
   }
   const int64_t blocks = ceil_div(a.L * a.B * a.HD, kMeanThreads);
   const int64_t grid = blocks < 1 ? 1 : (blocks < kMaxMeanBlocks ? blocks : kMaxMeanBlocks);

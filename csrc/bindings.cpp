@@ -88,7 +88,8 @@ Tensor inner_dense(const Tensor& t) {
 
 void check_select_sinks(const Tensor& query_feat, const Tensor& slot_feat,
                         const Tensor& slot_owner, const Tensor& slot_frame, int64_t k,
-                        const Tensor& exclude_lo, const Tensor& exclude_hi, int64_t sink_frames) {
+                        const Tensor& exclude_lo, const Tensor& exclude_hi, int64_t sink_frames,
+                        const std::optional<Tensor>& slot_prior, double prior_mix) {
   check_float(query_feat, "query_feat", 3);
   check_float(slot_feat, "slot_feat", 2);
   const int64_t B = query_feat.size(0), P = slot_feat.size(0);
@@ -109,6 +110,13 @@ void check_select_sinks(const Tensor& query_feat, const Tensor& slot_feat,
   TORCH_CHECK(k >= 0, "k must be >= 0, got ", k);
   TORCH_CHECK(sink_frames >= 0, "sink_frames must be >= 0, got ", sink_frames);
   TORCH_CHECK(P <= std::numeric_limits<int32_t>::max(), "at most 2^31 - 1 slots, got ", P);
+  TORCH_CHECK(prior_mix >= 0 && prior_mix <= 1, "prior_mix must be in [0, 1], got ", prior_mix);
+  if (slot_prior.has_value()) {
+    check_float(*slot_prior, "slot_prior", 2);
+    check_size(*slot_prior, "slot_prior", 0, B, "batch");
+    check_size(*slot_prior, "slot_prior", 1, P, "slots");
+    check_device(*slot_prior, "slot_prior", query_feat);
+  }
 }
 
 void check_gate_from_means(const Tensor& qbar, const Tensor& kbar_local,
@@ -154,7 +162,10 @@ void check_bank_insert(const Tensor& pool_k, const Tensor& pool_v, const Tensor&
                        const Tensor& slot_frame, const Tensor& slot_stamp, const Tensor& clock,
                        const Tensor& src_k, const Tensor& src_v, const Tensor& src_pos,
                        const Tensor& feature, const Tensor& frame, int64_t slots_per_sample) {
-  check_float(pool_k, "pool_k", 5);
+  check_rank(pool_k, "pool_k", 5);
+  TORCH_CHECK(is_float(pool_k) || pool_k.scalar_type() == at::kByte,
+              "pool_k must be float32, float16, bfloat16 or uint8 (fp8 bytes), got ",
+              pool_k.scalar_type());
   TORCH_CHECK(pool_v.sizes() == pool_k.sizes(), "pool_v must have the shape of pool_k ",
               pool_k.sizes(), ", got ", pool_v.sizes());
   check_dtype(pool_v, "pool_v", pool_k.scalar_type());
@@ -210,11 +221,18 @@ void check_bank_insert(const Tensor& pool_k, const Tensor& pool_v, const Tensor&
 Pair select_sinks_cpu_op(const Tensor& query_feat, const Tensor& slot_feat,
                          const Tensor& slot_owner, const Tensor& slot_frame, int64_t k,
                          const Tensor& exclude_lo, const Tensor& exclude_hi,
-                         int64_t sink_frames) {
+                         int64_t sink_frames, const std::optional<Tensor>& slot_prior,
+                         double prior_mix) {
   check_select_sinks(query_feat, slot_feat, slot_owner, slot_frame, k, exclude_lo, exclude_hi,
-                     sink_frames);
+                     sink_frames, slot_prior, prior_mix);
   return select_sinks_cpu(query_feat, slot_feat, slot_owner, slot_frame, k, exclude_lo,
-                          exclude_hi, sink_frames);
+                          exclude_hi, sink_frames, slot_prior, prior_mix);
+}
+
+Tensor gate_votes_cpu_op(const Tensor& qbar, const Tensor& kbar_local, const Tensor& slot_mean_k,
+                         const Tensor& slot_idx) {
+  check_gate_from_means(qbar, kbar_local, slot_mean_k, slot_idx);
+  return gate_votes_cpu(qbar, kbar_local, slot_mean_k, slot_idx);
 }
 
 Pair gate_from_means_cpu_op(const Tensor& qbar, const Tensor& kbar_local,
@@ -249,7 +267,8 @@ Pair bank_insert_cpu_op(const Tensor& pool_k, const Tensor& pool_v, const Tensor
 // ---- Meta (shapes only) --------------------------------------------------------
 
 Pair select_sinks_meta(const Tensor& query_feat, const Tensor&, const Tensor&, const Tensor&,
-                       int64_t k, const Tensor&, const Tensor&, int64_t) {
+                       int64_t k, const Tensor&, const Tensor&, int64_t,
+                       const std::optional<Tensor>&, double) {
   const auto opts = query_feat.options();
   return {at::empty({query_feat.size(0), k}, opts.dtype(at::kInt)),
           at::empty({query_feat.size(0), k}, opts.dtype(at::kFloat))};
@@ -258,6 +277,10 @@ Pair select_sinks_meta(const Tensor& query_feat, const Tensor&, const Tensor&, c
 Pair gate_meta(const Tensor& slot_idx, const Tensor& like) {
   return {at::empty_like(slot_idx, at::MemoryFormat::Contiguous),
           at::empty(slot_idx.sizes(), like.options().dtype(at::kFloat))};
+}
+
+Tensor gate_votes_meta(const Tensor& qbar, const Tensor&, const Tensor&, const Tensor& slot_idx) {
+  return at::empty(slot_idx.sizes(), qbar.options().dtype(at::kFloat));
 }
 
 Pair gate_from_means_meta(const Tensor& qbar, const Tensor&, const Tensor&,
@@ -309,10 +332,14 @@ Tensor float_workspace(int64_t n, const Tensor& like) {
 
 Pair select_sinks_cuda(const Tensor& query_feat, const Tensor& slot_feat,
                        const Tensor& slot_owner, const Tensor& slot_frame, int64_t k,
-                       const Tensor& exclude_lo, const Tensor& exclude_hi, int64_t sink_frames) {
+                       const Tensor& exclude_lo, const Tensor& exclude_hi, int64_t sink_frames,
+                       const std::optional<Tensor>& slot_prior, double prior_mix) {
   check_select_sinks(query_feat, slot_feat, slot_owner, slot_frame, k, exclude_lo, exclude_hi,
-                     sink_frames);
+                     sink_frames, slot_prior, prior_mix);
   const c10::cuda::CUDAGuard guard(query_feat.device());
+  // A usage prior is blended in only when given and prior_mix > 0 (as the oracle).
+  const bool has_prior = slot_prior.has_value() && prior_mix > 0;
+  const Tensor prior = has_prior ? slot_prior->to(at::kFloat).contiguous() : Tensor();
   const Tensor qf = query_feat.contiguous(), sf = slot_feat.contiguous();
   const Tensor owner = slot_owner.contiguous(), frame = slot_frame.contiguous();
   const Tensor lo = exclude_lo.contiguous(), hi = exclude_hi.contiguous();
@@ -327,6 +354,8 @@ Pair select_sinks_cuda(const Tensor& query_feat, const Tensor& slot_feat,
                     index_ref(owner),      index_ref(frame),
                     index_ref(lo),         index_ref(hi),
                     B, M, F, P, k, sink_frames,
+                    has_prior ? prior.data_ptr<float>() : nullptr,
+                    static_cast<float>(1.0 - prior_mix), static_cast<float>(prior_mix),
                     ws_floats > 0 ? ws.data_ptr<float>() : nullptr,
                     out_slot.data_ptr<int32_t>(), out_score.data_ptr<float>()};
   check_launch(launch_select_sinks(a, at::cuda::getCurrentCUDAStream()), "select_sinks");
@@ -358,6 +387,20 @@ Pair gate_from_means_cuda(const Tensor& qbar, const Tensor& kbar_local, const Te
   const c10::cuda::CUDAGuard guard(qbar.device());
   return gate_cuda(qbar.to(at::kFloat).contiguous(), kbar_local.to(at::kFloat).contiguous(),
                    slot_mean_k, slot_idx, tau, batch);
+}
+
+Tensor gate_votes_cuda(const Tensor& qbar, const Tensor& kbar_local, const Tensor& slot_mean_k,
+                       const Tensor& slot_idx) {
+  check_gate_from_means(qbar, kbar_local, slot_mean_k, slot_idx);
+  const c10::cuda::CUDAGuard guard(qbar.device());
+  const Tensor q = qbar.to(at::kFloat).contiguous(), kl = kbar_local.to(at::kFloat).contiguous();
+  const Tensor mk = slot_mean_k.contiguous(), idx = slot_idx.contiguous();
+  Tensor votes = at::zeros(idx.sizes(), q.options());
+  VoteArgs a{q.data_ptr<float>(), kl.data_ptr<float>(), mk.data_ptr(), float_type(mk),
+             index_ref(idx), votes.data_ptr<float>(),
+             idx.size(0), idx.size(1), q.size(1), q.size(2), mk.size(0)};
+  check_launch(launch_gate_votes(a, at::cuda::getCurrentCUDAStream()), "gate_votes");
+  return votes;
 }
 
 Pair sink_gate_cuda(const Tensor& q, const Tensor& k, const Tensor& slot_mean_k,
@@ -398,6 +441,7 @@ Pair bank_insert_cuda(const Tensor& pool_k, const Tensor& pool_v, const Tensor& 
   const int64_t ws_floats = bank_insert_workspace_floats(L, B, S_e, HD);
   const Tensor ws = float_workspace(std::max<int64_t>(ws_floats, 1), fe);
   BankInsertArgs a{pool_k.data_ptr(), pool_v.data_ptr(), float_type(pool_k),
+                   pool_k.scalar_type() == at::kByte,
                    pool_mean_k.data_ptr<float>(), slot_feat.data_ptr<float>(),
                    mut_index_ref(slot_owner), mut_index_ref(slot_frame),
                    slot_stamp.data_ptr<int64_t>(), clock.data_ptr<int64_t>(),
@@ -421,7 +465,11 @@ Pair bank_insert_cuda(const Tensor& pool_k, const Tensor& pool_v, const Tensor& 
 TORCH_LIBRARY(dysink_C, m) {
   m.def(
       "select_sinks(Tensor query_feat, Tensor slot_feat, Tensor slot_owner, Tensor slot_frame, "
-      "int k, Tensor exclude_lo, Tensor exclude_hi, int sink_frames) -> (Tensor, Tensor)");
+      "int k, Tensor exclude_lo, Tensor exclude_hi, int sink_frames, Tensor? slot_prior=None, "
+      "float prior_mix=0.0) -> (Tensor, Tensor)");
+  m.def(
+      "gate_votes(Tensor qbar, Tensor kbar_local, Tensor slot_mean_k, Tensor slot_idx) "
+      "-> Tensor");
   m.def(
       "gate_from_means(Tensor qbar, Tensor kbar_local, Tensor slot_mean_k, Tensor slot_idx, "
       "float tau, str scope) -> (Tensor, Tensor)");
@@ -438,6 +486,7 @@ TORCH_LIBRARY(dysink_C, m) {
 
 TORCH_LIBRARY_IMPL(dysink_C, CPU, m) {
   m.impl("select_sinks", &dysink::select_sinks_cpu_op);
+  m.impl("gate_votes", &dysink::gate_votes_cpu_op);
   m.impl("gate_from_means", &dysink::gate_from_means_cpu_op);
   m.impl("sink_gate", &dysink::sink_gate_cpu_op);
   m.impl("bank_insert", &dysink::bank_insert_cpu_op);
@@ -445,6 +494,7 @@ TORCH_LIBRARY_IMPL(dysink_C, CPU, m) {
 
 TORCH_LIBRARY_IMPL(dysink_C, Meta, m) {
   m.impl("select_sinks", &dysink::select_sinks_meta);
+  m.impl("gate_votes", &dysink::gate_votes_meta);
   m.impl("gate_from_means", &dysink::gate_from_means_meta);
   m.impl("sink_gate", &dysink::sink_gate_meta);
   m.impl("bank_insert", &dysink::bank_insert_meta);
@@ -453,6 +503,7 @@ TORCH_LIBRARY_IMPL(dysink_C, Meta, m) {
 #ifdef DYSINK_WITH_CUDA
 TORCH_LIBRARY_IMPL(dysink_C, CUDA, m) {
   m.impl("select_sinks", &dysink::select_sinks_cuda);
+  m.impl("gate_votes", &dysink::gate_votes_cuda);
   m.impl("gate_from_means", &dysink::gate_from_means_cuda);
   m.impl("sink_gate", &dysink::sink_gate_cuda);
   m.impl("bank_insert", &dysink::bank_insert_cuda);

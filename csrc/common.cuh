@@ -19,6 +19,9 @@ constexpr float kNormEps = 1e-12f;
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+// Bytes of an fp8 pool: moved as they are (their "float" value feeds only mean keys
+// that the caller replaces).
+__device__ __forceinline__ float to_float(uint8_t x) { return static_cast<float>(x); }
 
 // Explicit conversions: torch builds with __CUDA_NO_HALF_CONVERSIONS__ and
 // __CUDA_NO_BFLOAT16_CONVERSIONS__, which remove the implicit ones.
@@ -35,6 +38,10 @@ __device__ __forceinline__ __half from_float<__half>(float x) {
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16(x);
+}
+template <>
+__device__ __forceinline__ uint8_t from_float<uint8_t>(float x) {
+  return static_cast<uint8_t>(x);
 }
 
 __device__ __forceinline__ int64_t load_index(IndexRef r, int64_t i) {

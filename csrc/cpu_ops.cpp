@@ -76,12 +76,67 @@ void column_sums(const T* x, int64_t n_rows, int64_t cols, float* out) {
   }
 }
 
+// slot_idx as int64, every slot checked against the pool (an empty pool admits any).
+std::vector<int64_t> slot_list(const Tensor& slot_idx, int64_t P) {
+  std::vector<int64_t> idx = to_int64_vector(slot_idx);
+  for (const int64_t s : idx) {
+    TORCH_CHECK(s < P || P == 0, "slot_idx holds slot ", s, " but slot_mean_k has ", P,
+                " slots");
+  }
+  return idx;
+}
+
+// votes[b*n + j] = heads h with qbar[b,h] . mean_k[idx[b*n+j], h] > qbar[b,h] . kbar_local[b,h]
+// (strict; both dots by the same routine). A slot past an empty pool has a zero
+// mean key, as the oracle's zero fill; -1 entries get no vote.
+std::vector<int64_t> vote_counts(const Tensor& qbar, const Tensor& kbar_local,
+                                 const Tensor& slot_mean_k, const std::vector<int64_t>& idx,
+                                 int64_t B, int64_t n) {
+  const int64_t H = qbar.size(1), D = qbar.size(2), P = slot_mean_k.size(0);
+  const Tensor q = qbar.to(at::kFloat).contiguous();
+  const Tensor kl = kbar_local.to(at::kFloat).contiguous();
+  const Tensor mk = slot_mean_k.to(at::kFloat).contiguous();
+  const float* qp = q.data_ptr<float>();
+  const float* kp = kl.data_ptr<float>();
+  const float* mp = mk.data_ptr<float>();
+  std::vector<int64_t> votes(B * n, 0);
+  at::parallel_for(0, B, grain(H * D * (n + 1)), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t h = 0; h < H; ++h) {
+        const float* qv = qp + (b * H + h) * D;
+        const float s_local = dot(qv, kp + (b * H + h) * D, D);
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t s = idx[b * n + j];
+          if (s < 0) continue;
+          const float s_entry = s < P ? dot(qv, mp + (s * H + h) * D, D) : 0.f;
+          votes[b * n + j] += s_entry > s_local;
+        }
+      }
+    }
+  });
+  return votes;
+}
+
 }  // namespace
+
+Tensor gate_votes_cpu(const Tensor& qbar, const Tensor& kbar_local, const Tensor& slot_mean_k,
+                      const Tensor& slot_idx) {
+  const int64_t B = slot_idx.size(0), n = slot_idx.size(1);
+  Tensor out = at::zeros({B, n}, qbar.options().dtype(at::kFloat));
+  if (B == 0 || n == 0) return out;
+  const std::vector<int64_t> idx = slot_list(slot_idx, slot_mean_k.size(0));
+  const std::vector<int64_t> votes = vote_counts(qbar, kbar_local, slot_mean_k, idx, B, n);
+  float* op = out.data_ptr<float>();
+  for (int64_t i = 0; i < B * n; ++i) op[i] = static_cast<float>(votes[i]);
+  return out;
+}
 
 std::tuple<Tensor, Tensor> select_sinks_cpu(const Tensor& query_feat, const Tensor& slot_feat,
                                             const Tensor& slot_owner, const Tensor& slot_frame,
                                             int64_t k, const Tensor& exclude_lo,
-                                            const Tensor& exclude_hi, int64_t sink_frames) {
+                                            const Tensor& exclude_hi, int64_t sink_frames,
+                                            const std::optional<Tensor>& slot_prior,
+                                            double prior_mix) {
   const int64_t B = query_feat.size(0), M = query_feat.size(1), F = query_feat.size(2);
   const int64_t P = slot_feat.size(0);
   const auto opts = query_feat.options();
@@ -120,6 +175,14 @@ std::tuple<Tensor, Tensor> select_sinks_cpu(const Tensor& query_feat, const Tens
     for (int64_t p = p0; p < p1; ++p) slot_denom[p] = norm_denom(dot(sp + p * F, sp + p * F, F));
   });
 
+  // Usage prior: w_cos * cosine + w_prior * prior, each product rounded to fp32 as
+  // torch's tensor-by-scalar products (the build targets no fma, so nothing fuses).
+  const bool has_prior = slot_prior.has_value() && prior_mix > 0;
+  const Tensor prior = has_prior ? slot_prior->to(at::kFloat).contiguous() : Tensor();
+  const float* pp = has_prior ? prior.data_ptr<float>() : nullptr;
+  const float w_cos = static_cast<float>(1.0 - prior_mix);
+  const float w_prior = static_cast<float>(prior_mix);
+
   constexpr float kNone = -std::numeric_limits<float>::infinity();
   std::vector<float> score(B * P, kNone);
   at::parallel_for(0, B * P, grain(F), [&](int64_t i0, int64_t i1) {
@@ -129,8 +192,13 @@ std::tuple<Tensor, Tensor> select_sinks_cpu(const Tensor& query_feat, const Tens
       if (valid[b] == 0 || owner[p] != b || (f >= lo[b] && f < hi[b]) || f < sink_frames) {
         continue;
       }
-      const float c = dot(qsum.data() + b * F, sp + p * F, F) / slot_denom[p] /
-                      static_cast<float>(valid[b]);
+      float c = dot(qsum.data() + b * F, sp + p * F, F) / slot_denom[p] /
+                static_cast<float>(valid[b]);
+      if (has_prior) {
+        const float from_cos = w_cos * c;
+        const float from_prior = w_prior * pp[i];
+        c = from_cos + from_prior;
+      }
       if (!std::isnan(c)) score[i] = c;
     }
   });
@@ -169,41 +237,14 @@ std::tuple<Tensor, Tensor> gate_from_means_cpu(const Tensor& qbar, const Tensor&
                                                const Tensor& slot_mean_k, const Tensor& slot_idx,
                                                double tau, bool batch_scope) {
   const int64_t B = slot_idx.size(0), n = slot_idx.size(1);
-  const int64_t H = qbar.size(1), D = qbar.size(2), P = slot_mean_k.size(0);
+  const int64_t H = qbar.size(1), P = slot_mean_k.size(0);
   Tensor kept = slot_idx.clone(at::MemoryFormat::Contiguous);
   Tensor ratio = at::zeros({B, n}, qbar.options().dtype(at::kFloat));
   if (B == 0 || n == 0) return {kept, ratio};
 
-  const std::vector<int64_t> idx = to_int64_vector(slot_idx);
-  for (const int64_t s : idx) {
-    TORCH_CHECK(s < P || P == 0, "slot_idx holds slot ", s, " but slot_mean_k has ", P,
-                " slots");
-  }
-  const Tensor q = qbar.to(at::kFloat).contiguous();
-  const Tensor kl = kbar_local.to(at::kFloat).contiguous();
-  const Tensor mk = slot_mean_k.to(at::kFloat).contiguous();
-  const float* qp = q.data_ptr<float>();
-  const float* kp = kl.data_ptr<float>();
-  const float* mp = mk.data_ptr<float>();
+  const std::vector<int64_t> idx = slot_list(slot_idx, P);
 
-  // Voter (b, h) votes against entry j when qbar . mean_k[slot] > qbar . kbar_local
-  // (strict; both dots by the same routine). A slot past an empty pool has a zero
-  // mean key, as the oracle's zero fill.
-  std::vector<int64_t> votes(B * n, 0);
-  at::parallel_for(0, B, grain(H * D * (n + 1)), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t h = 0; h < H; ++h) {
-        const float* qv = qp + (b * H + h) * D;
-        const float s_local = dot(qv, kp + (b * H + h) * D, D);
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t s = idx[b * n + j];
-          if (s < 0) continue;
-          const float s_entry = s < P ? dot(qv, mp + (s * H + h) * D, D) : 0.f;
-          votes[b * n + j] += s_entry > s_local;
-        }
-      }
-    }
-  });
+  const std::vector<int64_t> votes = vote_counts(qbar, kbar_local, slot_mean_k, idx, B, n);
 
   std::vector<int64_t> rank(B * n, -1), count(B, 0), by_rank(n, 0);
   for (int64_t b = 0; b < B; ++b) {
@@ -321,7 +362,8 @@ std::tuple<Tensor, Tensor> bank_insert_cpu(
     store_int(slot_frame, s, frame_value);
     slot_stamp.data_ptr<int64_t>()[s] = clock0 + b;
     std::copy(fn.begin(), fn.end(), sf + s * F);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pool_k.scalar_type(), "bank_insert_cpu", [&] {
+    // uint8: the bytes of an fp8 bank, copied as they are.
+    AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, pool_k.scalar_type(), "bank_insert_cpu", [&] {
       const scalar_t* sk = src_k.data_ptr<scalar_t>();
       const scalar_t* sv = src_v.data_ptr<scalar_t>();
       scalar_t* pk = pool_k.data_ptr<scalar_t>();

@@ -13,7 +13,12 @@ namespace dysink {
 std::tuple<at::Tensor, at::Tensor> select_sinks_cpu(
     const at::Tensor& query_feat, const at::Tensor& slot_feat, const at::Tensor& slot_owner,
     const at::Tensor& slot_frame, int64_t k, const at::Tensor& exclude_lo,
-    const at::Tensor& exclude_hi, int64_t sink_frames);
+    const at::Tensor& exclude_hi, int64_t sink_frames, const std::optional<at::Tensor>& slot_prior,
+    double prior_mix);
+
+// (B, n) fp32 count of heads voting against each listed slot (0 for -1).
+at::Tensor gate_votes_cpu(const at::Tensor& qbar, const at::Tensor& kbar_local,
+                          const at::Tensor& slot_mean_k, const at::Tensor& slot_idx);
 
 std::tuple<at::Tensor, at::Tensor> gate_from_means_cpu(
     const at::Tensor& qbar, const at::Tensor& kbar_local, const at::Tensor& slot_mean_k,

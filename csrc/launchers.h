@@ -36,6 +36,10 @@ struct SelectSinksArgs {
   IndexRef exclude_lo;  // (B,)
   IndexRef exclude_hi;  // (B,)
   int64_t B, M, F, P, k, sink_frames;
+  // Usage prior (B, P) fp32 contiguous, null for none: a candidate's score is
+  // w_cos * cosine + w_prior * prior[b, p].
+  const float* prior;
+  float w_cos, w_prior;
   float* workspace;  // select_sinks_workspace_floats() floats, null when that is 0
   int32_t* out_slot;  // (B, k)
   float* out_score;   // (B, k)
@@ -74,6 +78,19 @@ struct GateArgs {
   float tau;
   bool batch_scope;
 };
+// Per-slot vote counts alone (head parallelism sums them across ranks before the
+// decision): votes (B, n) fp32, zero-filled by the caller, gets +1 per voting head.
+struct VoteArgs {
+  const float* qbar;        // (B, H, D)
+  const float* kbar_local;  // (B, H, D)
+  const void* slot_mean_k;  // (P, H, D)
+  FloatType mean_type;
+  IndexRef slot_idx;  // (B, n)
+  float* votes;       // (B, n)
+  int64_t B, n, H, D, P;
+};
+cudaError_t launch_gate_votes(const VoteArgs& a, cudaStream_t stream);
+
 // Whether (B, n) fits the single-block kernel's shared memory.
 bool gate_from_means_fits(int64_t B, int64_t n);
 cudaError_t launch_gate_from_means(const GateArgs& a, cudaStream_t stream);
@@ -83,6 +100,7 @@ struct BankInsertArgs {
   void* pool_k;  // (L, P, S_e, H, D) contiguous
   void* pool_v;
   FloatType kv_type;
+  bool kv_bytes;              // uint8 pools (fp8 storage): kv_type is ignored
   float* pool_mean_k;         // (L, P, H, D)
   float* slot_feat;           // (P, F)
   MutIndexRef slot_owner;     // (P,)

@@ -68,7 +68,9 @@ __device__ __forceinline__ Cand warp_best(Cand c) {
 // One block per sample b.
 //   score[p] = (sum_m q_m/||q_m||) . s_p / ||s_p|| / M_valid   (= mean cosine)
 // for the candidates p (owned by b, frame outside [lo, hi) and [0, sink_frames),
-// score a number), then min(k, P) rounds of a block arg-max (warp butterflies,
+// score a number), blended with the usage prior when there is one
+// (w_cos * score + w_prior * prior[b, p], each product rounded, as torch), then
+// min(k, P) rounds of a block arg-max (warp butterflies,
 // then one over the warps' winners), each removing its winner; the winners are
 // written ordered by (frame, slot) through a rank count, -1 / -inf padding.
 // Memory: reads query_feat[b] twice, slot_feat rows of b's candidates once,
@@ -151,7 +153,11 @@ __global__ void __launch_bounds__(kSelectThreads) select_sinks_kernel(SelectSink
       }
       dot = warp_sum(dot);
       ss = warp_sum(ss);
-      const float cosine = dot / norm_denom(ss) / static_cast<float>(valid_rows);
+      float cosine = dot / norm_denom(ss) / static_cast<float>(valid_rows);
+      if (a.prior != nullptr) {
+        const float prior = a.prior[b * a.P + p];
+        cosine = __fadd_rn(__fmul_rn(a.w_cos, cosine), __fmul_rn(a.w_prior, prior));
+      }
       if (!isnan(cosine)) sc = cosine;
     }
     if (lane == 0) score[p] = sc;

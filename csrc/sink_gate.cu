@@ -18,6 +18,8 @@ constexpr int64_t kMaxFinalBlocks = 4096;
 constexpr int kGateThreads = 512;
 constexpr int kGateWarps = kGateThreads / kWarp;
 constexpr int64_t kGateSmemBytes = 47 * 1024;
+// Vote counts alone: warps over (b, h) voters across the grid.
+constexpr int kVoteThreads = 256;
 
 __host__ __device__ inline int64_t gate_smem_ints(int64_t B, int64_t n) {
   return 2 * B * n + B + n;  // votes, rank [B*n]; count [B]; by_rank [n]
@@ -160,7 +162,41 @@ __global__ void __launch_bounds__(kGateThreads) gate_kernel(GateArgs a) {
   }
 }
 
+// Vote counts alone, for head parallelism (the ranks add them up before deciding):
+// warp per voter (b, h) over the grid; votes[b, j] += 1 when
+//   qbar[b,h] . mean_k[slot[b,j], h] > qbar[b,h] . kbar_local[b,h]   (strict),
+// by float atomics on a zeroed output (adding ones is exact and order-free below
+// 2^24). Memory: reads qbar, kbar once and the listed slots' mean keys once per
+// voter; writes B*n counts.
+template <typename TM>
+__global__ void __launch_bounds__(kVoteThreads) gate_votes_kernel(VoteArgs a) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t item = (blockIdx.x * int64_t{kVoteThreads} + threadIdx.x) / kWarp;
+  if (item >= a.B * a.H) return;
+  const int64_t b = item / a.H;
+  const int64_t h = item % a.H;
+  const TM* mean_k = static_cast<const TM*>(a.slot_mean_k);
+  const float* qv = a.qbar + item * a.D;
+  const float s_local = warp_dot(qv, a.kbar_local + item * a.D, a.D, lane);
+  for (int64_t j = 0; j < a.n; ++j) {
+    const int64_t s = load_index(a.slot_idx, b * a.n + j);
+    if (s < 0) continue;
+    const float s_entry = s < a.P ? warp_dot(qv, mean_k + (s * a.H + h) * a.D, a.D, lane) : 0.f;
+    if (lane == 0 && s_entry > s_local) atomicAdd(&a.votes[b * a.n + j], 1.f);
+  }
+}
+
 }  // namespace
+
+cudaError_t launch_gate_votes(const VoteArgs& a, cudaStream_t stream) {
+  if (a.B == 0 || a.n == 0 || a.H == 0) return cudaSuccess;
+  const int64_t blocks = ceil_div(a.B * a.H * kWarp, kVoteThreads);
+  dispatch_float(a.mean_type, [&](auto tag) {
+    using TM = typename decltype(tag)::type;
+    gate_votes_kernel<TM><<<static_cast<unsigned>(blocks), kVoteThreads, 0, stream>>>(a);
+  });
+  return cudaGetLastError();
+}
 
 int64_t window_means_workspace_floats(int64_t B, int64_t Sq, int64_t Sk, int64_t HD) {
   const int64_t chunks = ceil_div(Sq > Sk ? Sq : Sk, kMeanRows);

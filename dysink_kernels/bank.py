@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ._registry import available_backends
 from ._validate import canonical_device
 from .fp8 import FP8_DTYPE, quantize
 from .ops.bank_insert import bank_insert
 
 __all__ = ["FrameBank"]
-
-
-def _byte_insert_backend(device: torch.device) -> str:
-    """fp8 banks insert bytes: the Triton kernel on a GPU, else the PyTorch one (the
-    C++ extension handles float dtypes only)."""
-    if device.type == "cuda" and "triton" in available_backends("bank_insert", device):
-        return "triton"
-    return "naive"
 
 
 class FrameBank:
@@ -158,8 +149,9 @@ class FrameBank:
         stamps = self.stamp if evict_key is None else evict_key.clone()
         pool_k, pool_v = self.k, self.v
         if self.quantized:
-            # Quantise the block first; the op then moves bytes (uint8 views) and its
-            # mean keys (of bytes) are replaced by the block's true means below.
+            # Quantise the block first; the op then moves bytes (uint8 views, which every
+            # backend copies as they are) and its mean keys (of bytes) are replaced by
+            # the block's true means below.
             blk_k = src_k.index_select(2, src_pos)
             blk_v = src_v.index_select(2, src_pos)
             q_k, s_k = quantize(blk_k, (2, 4))  # scales (L, B, 1, H, 1)
@@ -167,7 +159,6 @@ class FrameBank:
             src_k, src_v = q_k.view(torch.uint8), q_v.view(torch.uint8)
             src_pos = torch.arange(blk_k.shape[2], device=src_pos.device)
             pool_k, pool_v = self.k.view(torch.uint8), self.v.view(torch.uint8)
-            backend = _byte_insert_backend(self.device)
         stored, slot = bank_insert(
             pool_k, pool_v, self.mean_k, self.feature, self.owner, self.frame, stamps,
             self.clock, src_k, src_v, src_pos, feature, frame,

@@ -24,8 +24,8 @@ from dysink_kernels.ops.bank_insert.csrc import bank_insert_csrc
 from dysink_kernels.ops.bank_insert.naive import bank_insert_naive
 from dysink_kernels.ops.select_sinks.csrc import select_sinks_csrc
 from dysink_kernels.ops.select_sinks.naive import select_sinks_naive
-from dysink_kernels.ops.sink_gate.csrc import gate_from_means_csrc, sink_gate_csrc
-from dysink_kernels.ops.sink_gate.naive import gate_from_means, sink_gate_naive
+from dysink_kernels.ops.sink_gate.csrc import gate_from_means_csrc, gate_votes_csrc, sink_gate_csrc
+from dysink_kernels.ops.sink_gate.naive import gate_from_means, gate_votes, sink_gate_naive
 
 INFO = _cuda.build_info()
 needs_ext = pytest.mark.skipif(
@@ -49,13 +49,15 @@ DEVICES = [
 # ---- select_sinks -------------------------------------------------------------
 
 
-def select_both(device, qf, sf, owner, frame, k, lo, hi, sink_frames=0, index=torch.int32):
+def select_both(device, qf, sf, owner, frame, k, lo, hi, sink_frames=0, index=torch.int32,
+                prior=None, mix=0.0):  # fmt: skip
     def idx(x):
         return torch.as_tensor(x).to(device=device, dtype=index)
 
     args = (qf.to(device), sf.to(device), idx(owner), idx(frame), k, idx(lo), idx(hi), sink_frames)
-    got = select_sinks_csrc(*args)
-    want = select_sinks_naive(*args)
+    prior = None if prior is None else prior.to(device)
+    got = select_sinks_csrc(*args, prior, mix)
+    want = select_sinks_naive(*args, slot_prior=prior, prior_mix=mix)
     assert got[0].dtype == torch.int32 and got[1].dtype == torch.float32
     assert got[0].shape == got[1].shape == (qf.shape[0], k)
     assert torch.equal(got[0].cpu(), want[0].cpu()), (got[0], want[0])
@@ -127,6 +129,52 @@ def test_select_no_query_and_nan(device):
     slots, _ = select_both(device, qf, sf, owner, list(range(6)), 3, [0] * 3, [0] * 3)
     assert (slots[:2] == -1).all()
     assert slots[2].tolist() == [2, 3, -1]
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mix", [0.0, 0.25, 1.0])
+@pytest.mark.parametrize("pdtype", [torch.float32, torch.float16])
+def test_select_usage_prior(device, mix, pdtype):
+    """score = (1 - mix) * mean cosine + mix * prior, as the oracle; NaN priors drop the
+    slot (unless mix is 0, where the prior is not read); large k included."""
+    g = torch.Generator().manual_seed(7)
+    B, M, F, P = 3, 4, 13, 31
+    qf = torch.randn(B, M, F, generator=g)
+    qf[2] = 0  # no query: nothing, whatever the prior says
+    sf = torch.randn(P, F, generator=g)
+    owner = torch.randint(-1, B, (P,), generator=g)
+    frame = torch.randint(0, 10, (P,), generator=g) * 3
+    prior = torch.rand(B, P, generator=g).to(pdtype)
+    prior[0, ::4] = float("nan")
+    for k in (1, 4, 40):
+        slots, _ = select_both(device, qf, sf, owner, frame, k, [3, 0, 0], [9, 0, 0],
+                               sink_frames=3, prior=prior, mix=mix)  # fmt: skip
+        assert (slots[2] == -1).all()
+        if mix > 0:
+            assert not set(slots[0].tolist()) & set(range(0, P, 4))
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_select_prior_decides_at_full_mix(device):
+    """With prior_mix = 1 the prior alone ranks the candidates."""
+    qf, sf = torch.randn(1, 2, 6), torch.randn(6, 6)
+    prior = torch.tensor([[0.1, 0.9, 0.5, 0.7, 0.2, 0.8]])
+    slots, score = select_both(device, qf, sf, [0] * 6, list(range(6)), 3, [0], [0],
+                               prior=prior, mix=1.0)  # fmt: skip
+    assert slots[0].tolist() == [1, 3, 5]
+    assert score[0].tolist() == pytest.approx([0.9, 0.7, 0.8])
+
+
+@needs_ext
+def test_select_prior_checks():
+    i32 = torch.zeros(3, dtype=torch.int32)
+    qf, sf = torch.randn(1, 2, 8), torch.randn(3, 8)
+    with pytest.raises(RuntimeError, match=r"slot_prior.shape\[1\] \(slots\)"):
+        select_sinks_csrc(qf, sf, i32, i32, 1, i32[:1], i32[:1], 0, torch.rand(1, 4), 0.5)
+    with pytest.raises(RuntimeError, match="prior_mix must be in"):
+        select_sinks_csrc(qf, sf, i32, i32, 1, i32[:1], i32[:1], 0, torch.rand(1, 3), 1.5)
 
 
 # ---- sink_gate / gate_from_means ----------------------------------------------
@@ -224,6 +272,36 @@ def test_gate_strict_at_equality(device, scope):
                 if B == 1 or scope == "sample":
                     assert ratio[0, 0] == 0
                     assert ratio[0, 1] == torch.tensor(votes / H, dtype=torch.float32)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mdtype", FLOATS)
+@pytest.mark.parametrize("index", INDEX)
+def test_gate_votes(device, mdtype, index):
+    """Per-slot vote counts (head parallelism's half of the gate) against the oracle,
+    including -1 entries, an empty pool and ties at equality (no vote)."""
+    g = torch.Generator().manual_seed(3)
+    for B, n, H, D, P in ((3, 5, 4, 7, 9), (1, 1, 1, 1, 1), (2, 3, 5, 3, 0), (2, 0, 3, 4, 5),
+                          (0, 2, 2, 2, 2)):  # fmt: skip
+        qbar, kbar = torch.randn(B, H, D, generator=g), torch.randn(B, H, D, generator=g)
+        means = torch.randn(P, H, D, generator=g).to(mdtype)
+        slots = torch.randint(-1, max(P, 1), (B, n), generator=g).to(index)
+        if P == 0:
+            slots = slots.clamp(max=0)
+        if P > 1 and B > 0 and n > 1:
+            # Small integers: every dot is exact, so equal mean keys tie in any order.
+            qbar[0] = torch.randint(-3, 4, (H, D), generator=g).float()
+            kbar[0] = torch.randint(-3, 4, (H, D), generator=g).float()
+            means[1] = kbar[0].to(mdtype)  # the local mean key itself: never a vote...
+            slots[0, :2] = torch.tensor([1, -1])
+        args = [t.to(device) for t in (qbar, kbar, means, slots)]
+        got = gate_votes_csrc(*args)
+        want = gate_votes(qbar, kbar, means, slots)
+        assert got.dtype == torch.float32 and got.shape == (B, n)
+        assert torch.equal(got.cpu(), want), (got, want)
+        if P > 1 and B > 0 and n > 1:
+            assert got[0, 0] == 0 and got[0, 1] == 0  # ...and -1 gets none
 
 
 # ---- bank_insert --------------------------------------------------------------
@@ -338,6 +416,24 @@ def test_insert_fifo_evicts_oldest(device):
 
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
+def test_insert_fp8_bytes(device):
+    """An fp8 bank inserts its bytes (uint8 views): copied exactly, as the oracle."""
+    L, B, C, S_e, N, H, D, F = 2, 2, 3, 4, 7, 2, 8, 6
+    g = torch.Generator().manual_seed(4)
+    bank = {n: t.to(device) for n, t in empty_bank(L, B, C, S_e, H, D, F, torch.uint8).items()}
+    banks = (bank, copy.deepcopy(bank))
+    for step in range(4):
+        src = torch.randn(L, B, N, H, D, generator=g).to(torch.float8_e4m3fn).view(torch.uint8)
+        feature = torch.randn(B, F, generator=g)
+        stored, _ = insert_both(banks, device, src, src.flip(2), torch.arange(S_e) + 1, feature,
+                                step, C, 2, 0.9)  # fmt: skip
+        assert stored.all()
+        for name in ("pool_k", "pool_v", "owner", "frame", "stamp", "clock"):
+            assert torch.equal(banks[0][name], banks[1][name]), name
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
 def test_large_shapes(device):
     """Shapes past one CUDA block: select's scratch in global memory (P = 20000), the
     window means over several token chunks, the insert copy over several chunks."""
@@ -418,6 +514,13 @@ def test_cuda_graph_capture():
                                   torch.arange(7, dtype=torch.int32) * 3, 3,
                                   torch.zeros(2, dtype=torch.int32),
                                   torch.zeros(2, dtype=torch.int32), 0)),
+        ("select_sinks", lambda: (torch.randn(2, 3, 8), torch.randn(7, 8),
+                                  torch.tensor([0, 1, -1, 0, 1, 0, 0], dtype=torch.int32),
+                                  torch.arange(7, dtype=torch.int32) * 3, 3,
+                                  torch.zeros(2, dtype=torch.int32),
+                                  torch.zeros(2, dtype=torch.int32), 0, torch.rand(2, 7), 0.5)),
+        ("gate_votes", lambda: (torch.randn(2, 3, 4), torch.randn(2, 3, 4),
+                                torch.randn(5, 3, 4), torch.tensor([[0, -1], [2, 4]]))),
         ("gate_from_means", lambda: (torch.randn(2, 3, 4), torch.randn(2, 3, 4),
                                      torch.randn(5, 3, 4), torch.tensor([[0, -1], [2, 4]]),
                                      0.5, "batch")),

@@ -10,8 +10,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dysink_kernels import DySinkCache, SinkAttention
+from dysink_kernels import DySinkCache, SinkAttention, _cuda
+from dysink_kernels._backends import triton_installed
 from dysink_kernels.distributed import HeadParallel
+from dysink_kernels.ops.sink_gate import gate_from_means
+from dysink_kernels.ops.sink_gate.votes import decide_from_votes, gate_votes_torch
 
 from harness import features, run, tiny_config
 
@@ -90,3 +93,44 @@ def test_head_parallel_equals_single_process(world, name):
         out, log = results[rank]
         torch.testing.assert_close(out, single, atol=1e-5, rtol=1e-5)
         assert log == single_log, f"rank {rank} decided differently from one process"
+
+
+def _vote_backends():
+    """Every implementation of the per-rank vote count usable here."""
+    fns = {"torch": gate_votes_torch}
+    if triton_installed():
+        from dysink_kernels.ops.sink_gate.triton import gate_votes_triton
+
+        fns["triton"] = gate_votes_triton
+    if _cuda.build_info()["built"]:
+        from dysink_kernels.ops.sink_gate.csrc import gate_votes_csrc
+
+        fns["csrc"] = gate_votes_csrc
+    return fns
+
+
+@pytest.mark.parametrize("backend", sorted(_vote_backends()))
+@pytest.mark.parametrize("scope", ["batch", "sample"])
+@pytest.mark.parametrize("uniform", [True, False])
+def test_votes_summed_over_head_shards_equal_the_whole_gate(backend, scope, uniform):
+    """What head parallelism does, without processes: each shard of heads counts its
+    votes (the device entry of ``backend``), the counts are summed (the all-reduce),
+    and decide_from_votes gives the gate of all heads at once."""
+    count = _vote_backends()[backend]
+    g = torch.Generator().manual_seed(21 + uniform)
+    B, H, D, P, n = 3, HEADS, 5, 8, 4
+    qbar, kbar = torch.randn(2, B, H, D, generator=g)
+    means = torch.randn(P, H, D, generator=g)
+    if uniform:
+        slots = torch.stack([torch.randperm(P, generator=g)[:n] for _ in range(B)])
+        slots[:, 1] = -1
+    else:
+        slots = torch.randint(-1, P, (B, n), generator=g)
+    slots = slots.to(torch.int32)
+    for world in (1, 2, 3):
+        shards = torch.arange(H).chunk(world)
+        votes = sum(count(qbar[:, s], kbar[:, s], means[:, s], slots) for s in shards)
+        for tau in (0.0, 0.4, 0.6):
+            kept, ratio = decide_from_votes(votes, slots, H, tau, scope)
+            want = gate_from_means(qbar, kbar, means, slots, tau, scope, backend="naive")
+            assert torch.equal(kept, want[0]) and torch.equal(ratio, want[1]), (world, tau)

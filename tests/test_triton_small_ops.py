@@ -8,7 +8,12 @@ import torch
 
 from dysink_kernels import select_sinks, sink_gate
 from dysink_kernels.ops.bank_insert import bank_insert
+from dysink_kernels.ops.select_sinks import triton as select_triton
+from dysink_kernels.ops.select_sinks.naive import select_sinks_naive
 from dysink_kernels.ops.sink_gate import gate_from_means
+from dysink_kernels.ops.sink_gate import naive as gate_naive
+from dysink_kernels.ops.sink_gate.triton import gate_votes_triton
+from dysink_kernels.ops.sink_gate.votes import decide_from_votes, gate_votes_torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SCORE_ATOL = 1e-5  # select_sinks scores against the oracle's
@@ -86,7 +91,7 @@ def test_select_empty_foreign_and_k_edges():
         assert (slots[1] >= 0).sum() == min(k, P)
     # P = 0: an empty bank
     both_select(qf, sf[:0], owner[:0], frame[:0], 3, lo, hi)
-    # k above the register top-k runs the oracle
+    # k above the register top-k: kernel scores, device sort
     both_select(qf, sf, owner, frame, 70, lo, hi)
 
 
@@ -106,8 +111,6 @@ def test_select_nan_and_zero_queries_excluded():
 
 
 def test_select_several_slot_tiles(monkeypatch):
-    from dysink_kernels.ops.select_sinks import triton as select_triton
-
     # Tiles of 8 slots x 4 features: the running top-k is merged across 5 tiles, and
     # each tile's scores take two feature steps (the second one masked).
     monkeypatch.setattr(select_triton, "MAX_BLOCK_P", 8)
@@ -136,6 +139,75 @@ def test_select_strided_inputs():
     frame = torch.arange(2 * P, device=DEVICE)[::2]
     lo = torch.tensor([2, 0], device=DEVICE)
     both_select(qf, sf, owner, frame, 4, lo, lo + 6)
+
+
+def both_select_prior(qf, sf, owner, frame, k, lo, hi, sink_frames, prior, mix):
+    """The Triton backend with a usage prior against the oracle."""
+    args = (qf, sf, owner, frame, k, lo, hi, sink_frames)
+    got = select_triton.select_sinks_triton(*args, prior, mix)
+    want = select_sinks_naive(*args, slot_prior=prior, prior_mix=mix)
+    assert got[0].shape == (qf.shape[0], k) and got[1].dtype == torch.float32
+    assert torch.equal(got[0], want[0]), (got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], atol=SCORE_ATOL, rtol=0)
+    return got
+
+
+@pytest.mark.parametrize("mix", [0.0, 0.3, 1.0])
+def test_select_usage_prior(mix, monkeypatch):
+    """score = (1 - mix) * mean cosine + mix * prior on candidates; a NaN prior drops
+    the slot (not read at mix 0); no valid query still retrieves nothing."""
+    g = torch.Generator().manual_seed(11)
+    B, M, F, P = 3, 3, 10, 21
+    qf = torch.randn(B, M, F, generator=g).to(DEVICE)
+    qf[2] = 0
+    sf = torch.randn(P, F, generator=g).to(DEVICE)
+    owner = torch.randint(-1, B, (P,), generator=g, dtype=torch.int32).to(DEVICE)
+    frame = (torch.randint(0, 9, (P,), generator=g, dtype=torch.int32) * 3).to(DEVICE)
+    prior = torch.rand(B, 2 * P, generator=g).to(DEVICE)[:, ::2]  # strided
+    prior[0, ::3] = float("nan")
+    lo, hi = i32([3, 0, 0]), i32([9, 0, 0])
+    for k in (1, 4, 16):
+        slots, _ = both_select_prior(qf, sf, owner, frame, k, lo, hi, 3, prior, mix)
+        assert (slots[2] == -1).all()
+        if mix > 0:
+            assert not set(slots[0].tolist()) & set(range(0, P, 3))
+    # the large-k path and several slot tiles take the prior too
+    monkeypatch.setattr(select_triton, "MAX_K", 2)
+    monkeypatch.setattr(select_triton, "MAX_BLOCK_P", 8)
+    for k in (3, 30):
+        both_select_prior(qf, sf, owner, frame, k, lo, hi, 3, prior, mix)
+
+
+def test_select_prior_alone_at_full_mix():
+    qf, sf = torch.randn(1, 2, 6, device=DEVICE), torch.randn(6, 6, device=DEVICE)
+    prior = torch.tensor([[0.1, 0.9, 0.5, 0.7, 0.2, 0.8]], device=DEVICE)
+    zero = i32([0])
+    slots, score = both_select_prior(qf, sf, i32([0] * 6), i32(range(6)), 3, zero, zero, 0,
+                                     prior, 1.0)  # fmt: skip
+    assert slots[0].tolist() == [1, 3, 5]
+    assert score[0].tolist() == pytest.approx([0.9, 0.7, 0.8])
+
+
+def test_select_large_k_device_sort(monkeypatch):
+    """k above the register top-k: the kernel writes the scores (several tiles), a
+    device sort ranks them; ties by frame then slot, padding last, k > P."""
+    assert not hasattr(select_triton, "select_sinks_naive")  # no oracle on this path
+    monkeypatch.setattr(select_triton, "MAX_K", 2)
+    monkeypatch.setattr(select_triton, "MAX_BLOCK_P", 8)
+    monkeypatch.setattr(select_triton, "TILE_ELEMS", 32)
+    g = torch.Generator().manual_seed(12)
+    B, M, F, P = 3, 2, 6, 27
+    qf = torch.randn(B, M, F, generator=g).to(DEVICE)
+    sf = torch.randn(P, F, generator=g)
+    tied = [2, 9, 17, 25]
+    sf[tied] = torch.nn.functional.one_hot(torch.tensor(1), F).float()
+    sf = sf.to(DEVICE)
+    owner = torch.randint(-1, B, (P,), generator=g, dtype=torch.int32)
+    owner[tied] = 0
+    frame = torch.randint(0, 5, (P,), generator=g, dtype=torch.int32)
+    for k in (3, 5, 11, 40):
+        both_select(qf, sf, owner.to(DEVICE), frame.to(DEVICE), k, i32([1, 0, 0]),
+                    i32([2, 0, 0]), sink_frames=1)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- sink_gate
@@ -241,6 +313,45 @@ def test_gate_edge_shapes():
         kept, ratio = both_means(qbar, kbar, empty_pool, none[:, :0], 0.5, scope)
         assert kept.shape == ratio.shape == (B, 0)
         both_means(qbar[:1], kbar[:1], torch.randn(4, H, D, device=DEVICE), i32([[3]]), 0.0, scope)
+
+
+def test_gate_votes_backends():
+    """The vote counts alone (head parallelism): Triton entry and the PyTorch production
+    count against the oracle; decide_from_votes against the oracle's."""
+    g = torch.Generator().manual_seed(13)
+    for B, n, H, D, P in ((3, 5, 4, 7, 9), (1, 1, 1, 1, 1), (2, 3, 5, 3, 0), (2, 0, 3, 4, 5)):
+        qbar, kbar = torch.randn(2, B, H, D, generator=g).to(DEVICE)
+        means = torch.randn(P, H, D, generator=g).to(DEVICE)
+        slots = torch.randint(-1, max(P, 1), (B, n), generator=g, dtype=torch.int32)
+        slots = (slots.clamp(max=0) if P == 0 else slots).to(DEVICE)
+        want = gate_naive.gate_votes(qbar, kbar, means, slots)
+        for fn in (gate_votes_triton, gate_votes_torch):
+            got = fn(qbar, kbar, means, slots)
+            assert got.dtype == torch.float32 and torch.equal(got, want), (fn, got, want)
+        for scope in ("batch", "sample"):
+            for tau in (0.0, 0.5, 1.0):
+                got = decide_from_votes(want, slots, H, tau, scope)
+                ref = gate_naive.decide_from_votes(want, slots, H, tau, scope)
+                assert got[0].dtype == ref[0].dtype
+                assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    # ties: integer data, entries equal to the local mean get no vote
+    B, H, D = 2, 5, 4
+    qbar = torch.zeros(B, H, D, device=DEVICE)
+    qbar[..., 0] = 1.0
+    kbar = torch.randint(-3, 4, (B, H, D), device=DEVICE).float()
+    means = torch.cat([kbar, kbar]).clone()
+    means[2:, :4, 0] += 1.0
+    slots = i32([[2, -1, 0], [-1, 3, 1]])
+    expected = torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 0.0]], device=DEVICE)
+    for fn in (gate_votes_triton, gate_votes_torch):
+        assert torch.equal(fn(qbar, kbar, means, slots), expected)
+    # the decision from votes split over heads equals the whole gate
+    for scope in ("batch", "sample"):
+        parts = sum(gate_votes_triton(qbar[:, h0:h1], kbar[:, h0:h1], means[:, h0:h1], slots)
+                    for h0, h1 in ((0, 2), (2, 5)))  # fmt: skip
+        got = decide_from_votes(parts, slots, H, 0.79, scope)
+        want = gate_from_means(qbar, kbar, means, slots, 0.79, scope, backend="naive")
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 # ----------------------------------------------------------------------------- bank_insert
@@ -361,6 +472,47 @@ def test_insert_no_dedup_fifo_and_strided_sources():
         feature[0] = 1.0  # the same feature every time: stored anyway without dedup
         stored, slot = both_insert(tri, ref, src_k, src_v, src_pos, feature, step, C, C, None)
         assert stored.all() and slot.tolist() == [step % C, C + step % C]
+
+
+def test_insert_fp8_bytes_through_the_op():
+    """An fp8 bank's uint8 views go through the op on every backend: bytes copied as
+    they are (the mean keys of bytes are the caller's to replace)."""
+    L, B, C, S_e, H, D, F, N = 2, 2, 3, 4, 2, 8, 5, 7
+    g = torch.Generator().manual_seed(14)
+    tri = make_bank(L, B, C, S_e, H, D, F, torch.float8_e4m3fn)
+    for name in ("k", "v"):
+        tri[name] = tri[name].view(torch.uint8)
+    ref = clone_state(tri)
+    for step in range(4):
+        src = torch.randn(L, B, N, H, D, generator=g).to(torch.float8_e4m3fn)
+        src = src.view(torch.uint8).to(DEVICE)
+        feature = torch.randn(B, F, generator=g).to(DEVICE)
+        pos = (torch.arange(S_e) + step) % N
+        both_insert(tri, ref, src, src.flip(2), pos.to(DEVICE), feature, step, C, 2, 0.9)
+
+
+def test_fp8_bank_inserts_through_the_op(monkeypatch):
+    """FrameBank passes its backend to the insert op for fp8 banks too (no backend
+    choice of its own)."""
+    from dysink_kernels import bank as bank_module
+    from dysink_kernels.fp8 import FP8_DTYPE
+
+    seen = []
+    real = bank_module.bank_insert
+
+    def spy(*args, backend):
+        seen.append((args[0].dtype, backend))
+        return real(*args, backend=backend)
+
+    monkeypatch.setattr(bank_module, "bank_insert", spy)
+    fb = bank_module.FrameBank(1, 1, 2, 2, 1, 4, dtype=FP8_DTYPE, device=DEVICE)
+    src = torch.randn(1, 1, 3, 1, 4, device=DEVICE)
+    pos = torch.arange(2, device=DEVICE)
+    feature = torch.ones(1, 3, device=DEVICE)
+    stored, _ = fb.insert(src, src, pos, feature, torch.tensor(0, device=DEVICE), None,
+                          backend="triton")  # fmt: skip
+    assert seen == [(torch.uint8, "triton")] and stored.tolist() == [True]
+    torch.testing.assert_close(fb.mean_k[0, 0], src[0, 0, :2].mean(0))
 
 
 # ----------------------------------------------------------------------------- all ops

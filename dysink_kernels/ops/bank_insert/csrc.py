@@ -25,7 +25,8 @@ def bank_insert_csrc(
     limit: int,
     dedup: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same arguments, in-place updates and results as ``naive.bank_insert_naive``."""
+    """Same arguments, in-place updates and results as ``naive.bank_insert_naive``; the
+    pools may be float or the uint8 bytes of an fp8 bank (copied as they are)."""
     return ops().bank_insert(
         pool_k, pool_v, pool_mean_k, slot_feat, slot_owner, slot_frame, slot_stamp, clock,
         src_k, src_v, src_pos, feature, frame, int(slots_per_sample), int(limit),

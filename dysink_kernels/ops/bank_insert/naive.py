@@ -75,7 +75,9 @@ def bank_insert_naive(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Insert one block per sample; mutates the pool in place.
 
-    Shapes: ``pool_k/pool_v (L, P, S_e, H, D)``, ``pool_mean_k (L, P, H, D)`` fp32,
+    Shapes: ``pool_k/pool_v (L, P, S_e, H, D)`` (float, or the uint8 bytes of an fp8
+    bank: copied as they are, their mean keys being the caller's to replace),
+    ``pool_mean_k (L, P, H, D)`` fp32,
     ``slot_feat (P, F)`` fp32, ``slot_owner/slot_frame (P,)`` int32,
     ``slot_stamp (P,)`` int64, ``clock ()`` int64, ``src_k/src_v (L, B, N, H, D)``
     local buffers, ``src_pos (S_e,)`` int64 token positions of the block,

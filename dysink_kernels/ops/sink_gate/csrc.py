@@ -1,10 +1,21 @@
-"""sink_gate and gate_from_means through the compiled extension (``torch.ops.dysink_C``)."""
+"""sink_gate, gate_from_means and gate_votes through the compiled extension
+(``torch.ops.dysink_C``)."""
 
 from __future__ import annotations
 
 import torch
 
 from ..._cuda import ops
+
+
+def gate_votes_csrc(
+    qbar: torch.Tensor,
+    kbar_local: torch.Tensor,
+    slot_mean_k: torch.Tensor,
+    slot_idx: torch.Tensor,
+) -> torch.Tensor:
+    """Same arguments and result as ``votes.gate_votes_torch``: ``(B, n)`` fp32 counts."""
+    return ops().gate_votes(qbar, kbar_local, slot_mean_k, slot_idx)
 
 
 def gate_from_means_csrc(

@@ -4,6 +4,9 @@ With ``qbar[b, h]`` the mean query and ``kbar`` a mean key, the score of a key s
 is ``qbar . kbar`` (raw dot, no scale). A voter ``(b, h)`` votes against entry
 ``e`` when ``score(e) > score(local)`` (strict); ``ratio`` is the fraction of
 voters against it and the entry is dropped when ``ratio > tau`` (strict).
+
+``gate_votes`` and ``decide_from_votes`` here are the oracles of the production
+split in ``votes.py`` (head parallelism counts votes per rank, then decides).
 """
 
 from __future__ import annotations
@@ -41,10 +44,7 @@ def gate_votes(
 def decide_from_votes(
     votes: torch.Tensor, slot_idx: torch.Tensor, num_heads: int, tau: float, scope: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Turn vote counts over ``num_heads`` heads into ``(kept_idx, ratio)``.
-
-    Split from the vote count so that head-parallel ranks can sum their counts first.
-    """
+    """Turn vote counts over ``num_heads`` heads into ``(kept_idx, ratio)``."""
     B, n = slot_idx.shape
     valid = slot_idx >= 0
     if n == 0:

@@ -12,7 +12,9 @@
    sample's partials up in a fixed order (deterministic, no atomics) into
    ``qbar``/``kbar`` (a ``(B, 2, H, D)`` scratch), then votes.
 
-``gate_from_means_triton`` launches the vote kernel alone on the given means.
+``gate_from_means_triton`` launches the vote kernel alone on the given means;
+``gate_votes_triton`` only counts the votes (``_gate_votes_fwd``, grid ``(B,)``),
+for head parallelism, where the ranks add their counts before deciding.
 
 The vote of sample ``b``: ``s_local[h] = qbar[h] . kbar[h]`` and
 ``s_entry[j, h] = qbar[h] . slot_mean_k[slot[j], h]``; ``votes[j]`` counts the
@@ -34,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["gate_from_means_triton", "sink_gate_triton"]
+__all__ = ["gate_from_means_triton", "gate_votes_triton", "sink_gate_triton"]
 
 # Rows summed per step of the reduction kernel (x the padded head dim per tile).
 BLOCK_S = 64
@@ -352,6 +354,46 @@ def _gate_vote_fwd(
         tl.store(ratio_ptr + b * stride_rb + o_n * stride_rn, ratio, mask=m_n)
 
 
+@triton.jit
+def _gate_votes_fwd(
+    qm_ptr,
+    km_ptr,
+    mk_ptr,
+    idx_ptr,
+    votes_ptr,
+    H,
+    D,
+    P,
+    n,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kd,
+    stride_mp,
+    stride_mh,
+    stride_md,
+    stride_ib,
+    stride_in,
+    stride_vb,
+    stride_vn,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``votes[i_b, j]``: heads of sample ``i_b`` voting against its ``j``-th slot (fp32)."""
+    i_b = tl.program_id(0).to(tl.int64)
+    votes, _, _ = _sample_votes(
+        qm_ptr, km_ptr, mk_ptr, idx_ptr, i_b, H, D, P, n,
+        stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kd,
+        stride_mp, stride_mh, stride_md, stride_ib, stride_in,
+        BLOCK_N, BLOCK_H, BLOCK_D,
+    )  # fmt: skip
+    o_n = tl.arange(0, BLOCK_N)
+    tl.store(votes_ptr + i_b * stride_vb + o_n * stride_vn, votes, mask=o_n < n)
+
+
 # ----------------------------------------------------------------------------- launchers
 def _launch_vote(
     part: torch.Tensor | None,
@@ -399,6 +441,32 @@ def _launch_vote(
 def _empty_result(slot_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     B, n = slot_idx.shape
     return slot_idx.clone(), torch.zeros(B, n, dtype=torch.float32, device=slot_idx.device)
+
+
+def gate_votes_triton(
+    qbar: torch.Tensor,
+    kbar_local: torch.Tensor,
+    slot_mean_k: torch.Tensor,
+    slot_idx: torch.Tensor,
+) -> torch.Tensor:
+    """Triton ``gate_votes`` entry: ``(B, n)`` fp32 vote counts (see ``votes.py``), one launch."""
+    B, n = slot_idx.shape
+    _, H, D = qbar.shape
+    votes = torch.zeros(B, n, dtype=torch.float32, device=slot_idx.device)
+    if n == 0 or B == 0:
+        return votes
+    block_n = triton.next_power_of_2(n)
+    block_h = triton.next_power_of_2(H)
+    block_d = min(triton.next_power_of_2(D), max(VOTE_TILE_ELEMS // (block_n * block_h), 1))
+    _gate_votes_fwd[(B,)](
+        qbar, kbar_local, slot_mean_k, slot_idx, votes, H, D, slot_mean_k.shape[0], n,
+        qbar.stride(0), qbar.stride(1), qbar.stride(2),
+        kbar_local.stride(0), kbar_local.stride(1), kbar_local.stride(2),
+        slot_mean_k.stride(0), slot_mean_k.stride(1), slot_mean_k.stride(2),
+        slot_idx.stride(0), slot_idx.stride(1), votes.stride(0), votes.stride(1),
+        BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=NUM_WARPS,
+    )  # fmt: skip
+    return votes
 
 
 def gate_from_means_triton(
