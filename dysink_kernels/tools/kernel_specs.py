@@ -63,6 +63,27 @@ def aot_specs(arch: int) -> list[KernelSpec]:
              BLOCK_P=block_p, BLOCK_K=triton.next_power_of_2(K)),
         values, sel.NUM_WARPS, {"P": P, "F": F, "k": K},
     ))  # fmt: skip
+    # With the usage prior (relevance_mix > 0), and the scores alone (k > MAX_K).
+    values.update(_named("stride_prb stride_prp", _strides(B, P)))
+    specs.append(_spec(
+        "select_sinks.prior", sel._select_sinks_prior_fwd,
+        {"qf_ptr": "*fp32", "sf_ptr": "*fp32", "owner_ptr": "*i32", "frame_ptr": "*i32",
+         "lo_ptr": "*i32", "hi_ptr": "*i32", "prior_ptr": "*fp32", "slot_out_ptr": "*i32",
+         "score_out_ptr": "*fp32"},
+        dict(NORM_EPS=sel.NORM_EPS, BLOCK_M=triton.next_power_of_2(M), BLOCK_F=block_f,
+             BLOCK_P=block_p, BLOCK_K=triton.next_power_of_2(K)),
+        values, sel.NUM_WARPS, {"P": P, "F": F, "k": K}, floats=("w_cos", "w_prior"),
+    ))  # fmt: skip
+    values.update(_named("stride_cb stride_cp", _strides(B, P)))
+    specs.append(_spec(
+        "select_sinks.scores", sel._select_scores_fwd,
+        {"qf_ptr": "*fp32", "sf_ptr": "*fp32", "owner_ptr": "*i32", "frame_ptr": "*i32",
+         "lo_ptr": "*i32", "hi_ptr": "*i32", "prior_ptr": "*fp32", "score_ptr": "*fp32"},
+        dict(NORM_EPS=sel.NORM_EPS, BLOCK_M=triton.next_power_of_2(M), BLOCK_F=block_f,
+             BLOCK_P=block_p, HAS_PRIOR=True),
+        {n: v for n, v in values.items() if n in sel._select_scores_fwd.arg_names},
+        sel.NUM_WARPS, {"P": P, "F": F, "prior": True}, floats=("w_cos", "w_prior"),
+    ))  # fmt: skip
 
     nq, nk = gate._split_rows(SQ, SK, B, H)
     rows_q, rows_k = -(-SQ // nq), -(-SK // nk)
@@ -100,6 +121,20 @@ def aot_specs(arch: int) -> list[KernelSpec]:
              BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_D=block_d),
         values, gate.VOTE_NUM_WARPS, {"n": K, "H": H, "D": D, "scope": "batch"},
         floats=("tau",),
+    ))  # fmt: skip
+
+    values = _named(
+        "H D P n stride_qb stride_qh stride_qd stride_kb stride_kh stride_kd stride_mp "
+        "stride_mh stride_md stride_ib stride_in stride_vb stride_vn",
+        (H, D, P, K, *_strides(B, H, D), *_strides(B, H, D), *_strides(P, H, D),
+         *_strides(B, K), *_strides(B, K)),
+    )  # fmt: skip
+    specs.append(_spec(
+        "sink_gate.votes", gate._gate_votes_fwd,
+        {"qm_ptr": "*fp32", "km_ptr": "*fp32", "mk_ptr": "*fp32", "idx_ptr": "*i32",
+         "votes_ptr": "*fp32"},
+        dict(BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_D=block_d),
+        values, gate.NUM_WARPS, {"n": K, "H": H, "D": D},
     ))  # fmt: skip
 
     block_cs = min(triton.next_power_of_2(P), ins.MAX_BLOCK_C)
