@@ -81,12 +81,18 @@ class DySinkCache:
         attn(q, k, v, cache=cache, layer=l, commit=True)         # clean pass, every layer
         cache.end_block(feature)                 # store the block in the bank
 
+    NaN or Inf in call inputs, committed K/V or features are flagged on the device and
+    raised as ``health.NonFiniteError`` at a later protocol call or by
+    :meth:`check_health`; non-finite committed K/V are kept as 0 in the window and
+    their block is not stored (see ``health.py``).
+
     Args:
         config: the protocol's configuration.
         batch_size: videos generated together (each has its own bank entries).
         device, dtype: where and in which dtype K/V are kept; calls must match.
         bank_slots: bank capacity per sample (default ``config.max_entries`` or
-            32); when ``max_entries`` is ``None`` it is also the FIFO cap.
+            32), at most ``MAX_BANK_SLOTS`` (65,536) and no more bytes than the
+            bank's device has; when ``max_entries`` is ``None`` it is also the FIFO cap.
         backend: backend of every op the cache runs (``"auto"``, ``"naive"``, ...).
         feature_dim: size of external features (default: taken from the first
             ``end_block``).
@@ -98,7 +104,7 @@ class DySinkCache:
             retrieved slots on the device, layer by layer, on a side stream
             (``offload.py``); results equal the on-device bank's.
         max_bank_bytes: bank budget in bytes of K/V (all samples); sets the slots per
-            sample instead of ``bank_slots``.
+            sample instead of ``bank_slots`` (at most ``config.max_entries``).
         bank_dtype: the bank's K/V dtype: ``dtype`` (default) or ``torch.float8_e4m3fn``
             (half the bytes of bf16; one fp32 scale per layer, slot and head, computed
             at insert; the attention dequantises while loading; see ``fp8.py``).
