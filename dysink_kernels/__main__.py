@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -21,6 +22,97 @@ def _write(line: str) -> None:
         print(line, flush=True)
 
 
+def _int_at_least(minimum: int):
+    """An argparse type: an int ``>= minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
+
+
+def _even_head_dim(text: str) -> int:
+    """An argparse type: a positive even head dimension (RoPE turns pairs)."""
+    value = _int_at_least(2)(text)
+    if value % 2:
+        raise argparse.ArgumentTypeError(f"must be even, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    """An argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def _block_list(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated block indices, each listed once."""
+    parts = [b.strip() for b in text.split(",") if b.strip()]
+    try:
+        blocks = tuple(int(b) for b in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+    if len(set(blocks)) != len(blocks):
+        raise argparse.ArgumentTypeError(f"a block is listed twice in {text!r}")
+    return tuple(sorted(blocks))
+
+
+def _writable_dir(path: str) -> str:
+    """An argparse type: a folder that exists and takes a file, or can be created
+    (checked before any work, so that a run's results are not lost at the end)."""
+    import tempfile
+
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise argparse.ArgumentTypeError(f"{path!r}: {probe!r} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"{path!r} is not writable: {err}") from None
+    return path
+
+
+def _check_demo(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Cross-argument checks of ``demo`` (usage errors before any work)."""
+    from . import DySinkConfig
+    from ._registry import available_backends, registered_ops
+
+    outside = [b for b in args.switch_at if not 0 < b < args.blocks]
+    if outside:
+        p.error(f"--switch-at: blocks {outside} are outside the run (1..{args.blocks - 1})")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available")
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        p.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    dev = "cuda" if args.device.startswith("cuda") else "cpu"
+    names = {"auto"} | {b for op in registered_ops() for b in available_backends(op, dev)}
+    if args.backend not in names:
+        p.error(f"--backend must be one of {sorted(names)} on {dev}, got {args.backend!r}")
+    try:
+        DySinkConfig(
+            num_layers=args.layers, num_heads=1, head_dim=2, tokens_per_frame=1,
+            top_k=args.top_k, sink_frames=args.sink_frames, local_frames=args.local_frames,
+            tau=args.tau,
+        )  # fmt: skip
+    except ValueError as err:
+        p.error(f"demo configuration: {err}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .tools.demo import format_block, run_demo, run_wan_demo, write_outputs
 
@@ -28,7 +120,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.threads:
         # The demo's ops are tiny: on a busy small CPU one thread avoids stalls.
         torch.set_num_threads(args.threads)
-    switch_at = tuple(int(b) for b in args.switch_at.split(",") if b.strip())
+    switch_at = args.switch_at
     if args.feature is None:
         args.feature = "mean_key" if args.model == "wan-tiny" else "external"
     print(
@@ -143,12 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser("demo", help="autoregressive demo through DySinkCache/SinkAttention")
-    d.add_argument("--blocks", type=int, default=24)
-    d.add_argument("--layers", type=int, default=4)
-    d.add_argument("--batch", type=int, default=1)
-    d.add_argument("--device", default="cpu")
-    d.add_argument("--backend", default="auto")
-    d.add_argument("--seed", type=int, default=0)
+    count, natural = _int_at_least(1), _int_at_least(0)
+    d.add_argument("--blocks", type=count, default=24)
+    d.add_argument("--layers", type=count, default=4)
+    d.add_argument("--batch", type=count, default=1)
+    d.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    d.add_argument("--backend", default="auto", help="auto or a backend every op has")
+    d.add_argument("--seed", type=natural, default=0)
     d.add_argument(
         "--model", choices=["tiny", "wan-tiny"], default="tiny",
         help="tiny: models.TinyVideoDiT; wan-tiny: a random-weight diffusers "
@@ -158,34 +251,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--feature", choices=["external", "mean_key"], default=None,
         help="default: external for tiny, mean_key for wan-tiny",
     )  # fmt: skip
-    d.add_argument("--steps", type=int, default=4, help="denoising steps per block")
-    d.add_argument("--top-k", type=int, default=2)
-    d.add_argument("--sink-frames", type=int, default=0)
-    d.add_argument("--local-frames", type=int, default=9)
-    d.add_argument("--tau", type=float, default=0.8)
+    d.add_argument("--steps", type=count, default=4, help="denoising steps per block")
+    d.add_argument("--top-k", type=natural, default=2)
+    d.add_argument("--sink-frames", type=natural, default=0)
+    d.add_argument("--local-frames", type=count, default=9)
+    d.add_argument("--tau", type=_probability, default=0.8, help="gate threshold in [0, 1]")
     d.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     d.add_argument(
-        "--switch-at", default="",
-        help="comma-separated blocks before which the prompt changes (the cache recaches)",
+        "--switch-at", type=_block_list, default=(),
+        help="comma-separated blocks (1..blocks-1) before which the prompt changes "
+        "(the cache recaches)",
     )  # fmt: skip
-    d.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
-    d.add_argument("--out", default="demo_out", help="folder for summary.json and timeline.png")
+    d.add_argument(
+        "--threads", type=natural, default=1, help="torch CPU threads (0: torch's default)"
+    )
+    d.add_argument(
+        "--out", type=_writable_dir, default="demo_out",
+        help="folder for summary.json and timeline.png (checked writable before the run)",
+    )  # fmt: skip
     d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(check=functools.partial(_check_demo, d))
     d.set_defaults(fn=_cmd_demo)
 
     k = sub.add_parser("kernels", help="compile every Triton kernel for a GPU arch and report")
-    k.add_argument("--arch", default="sm_90", help="sm_80 or sm_90 (no GPU needed)")
+    k.add_argument(
+        "--arch", choices=["sm_80", "sm_90"], default="sm_90", help="GPU arch (no GPU needed)"
+    )
     k.add_argument("--json", action="store_true")
     k.add_argument("--strict", action="store_true", help="exit 1 when a CI gate fails")
     k.set_defaults(fn=_cmd_kernels)
 
     r = sub.add_parser("rope-diagnostic", help="plot RoPE phase re-alignment of distant sinks")
-    r.add_argument("--out", default="rope_out")
-    r.add_argument("--max-distance", type=int, default=1200)
-    r.add_argument("--points", type=int, default=241)
-    r.add_argument("--heads", type=int, default=12)
-    r.add_argument("--head-dim", type=int, default=128)
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out", type=_writable_dir, default="rope_out")
+    r.add_argument("--max-distance", type=count, default=1200)
+    r.add_argument("--points", type=_int_at_least(2), default=241)
+    r.add_argument("--heads", type=count, default=12)
+    r.add_argument("--head-dim", type=_even_head_dim, default=128, help="even, >= 2")
+    r.add_argument("--seed", type=natural, default=0)
     r.set_defaults(fn=_cmd_rope_diagnostic)
 
     i = sub.add_parser("info", help="versions, devices and available backends")
@@ -195,7 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; bad arguments end in a usage error (exit status 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check = getattr(args, "check", None)
+    if check is not None:
+        check(args)
     return args.fn(args)
 
 

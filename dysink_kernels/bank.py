@@ -215,6 +215,7 @@ class FrameBank:
         self.usage.index_add_(0, idx, torch.where(slot_idx >= 0, mass, 0.0).flatten().float())
 
     def state_dict(self) -> dict[str, torch.Tensor | None]:
+        """The bank's tensors (live buffers, not copies)."""
         return {
             "k": self.k,
             "v": self.v,
@@ -229,21 +230,83 @@ class FrameBank:
             "v_scale": self.v_scale,
         }
 
-    def load_state_dict(self, state: dict[str, torch.Tensor | None]) -> None:
-        for name, value in state.items():
-            if name in ("k_scale", "v_scale") and (value is None) != (getattr(self, name) is None):
+    def check_state(self, state: object, frame_end: int | None = None) -> int | None:
+        """Validate a :meth:`state_dict` for this bank without changing anything.
+
+        Checks keys, shapes, dtypes, devices, finiteness (K/V, mean keys, features,
+        usage, fp8 scales) and the slot invariants: owners in ``[-1, B)`` and inside
+        their sample's slot range, at most ``limit`` entries per sample, first frames
+        ``>= 0`` for stored entries (``-1`` free) and before ``frame_end`` when given,
+        stamps below the clock. Host reads (not per block).
+
+        Returns:
+            The state's feature dimension (``None`` when it has no features yet).
+        """
+        from .health import check_state_tensor as check
+
+        if not isinstance(state, dict):
+            raise TypeError(f"state ['bank'] must be a dict, got {type(state).__name__}")
+        missing, unknown = (
+            sorted(self.state_dict().keys() - state),
+            sorted(state.keys() - self.state_dict()),
+        )
+        if missing or unknown:
+            raise ValueError(f"state ['bank'] keys differ: missing {missing}, unknown {unknown}")
+        for name in ("k", "v", "mean_k", "usage"):
+            check(f"['bank'][{name!r}]", state[name], getattr(self, name), finite=True)
+        for name in ("k_scale", "v_scale"):
+            if (state[name] is None) != (getattr(self, name) is None):
                 raise ValueError("the state's bank and this bank differ in fp8 storage")
-            if value is None and name != "feature":
-                continue
+            if state[name] is not None:
+                scale = check(f"['bank'][{name!r}]", state[name], getattr(self, name), finite=True)
+                if bool((scale <= 0).any()):  # ok: host (checkpoint load)
+                    raise ValueError(f"state ['bank'][{name!r}] holds scales <= 0")
+        owner = check("['bank']['owner']", state["owner"], self.owner)
+        frame = check("['bank']['frame']", state["frame"], self.frame)
+        stamp = check("['bank']['stamp']", state["stamp"], self.stamp)
+        clock = check("['bank']['clock']", state["clock"], self.clock)
+        if bool((state["usage"] < 0).any()):  # ok: host (checkpoint load)
+            raise ValueError("state ['bank']['usage'] holds negative values")
+        B, C = self.batch_size, self.slots_per_sample
+        region = torch.arange(B, device=owner.device).repeat_interleave(C)
+        used = owner >= 0
+        if bool(((owner != -1) & (owner != region)).any()):  # ok: host (checkpoint load)
+            raise ValueError(
+                f"state ['bank']['owner'] must hold -1 or the sample of the slot's range "
+                f"(slot p belongs to sample p // {C}, samples [0, {B}))"
+            )
+        if bool((used.view(B, C).sum(dim=1) > self.limit).any()):  # ok: host
+            raise ValueError(f"state ['bank'] holds more than {self.limit} entries for a sample")
+        if bool((frame < -1).any() | (used & (frame < 0)).any()):  # ok: host
+            raise ValueError("state ['bank']['frame'] must be >= 0 for stored entries, -1 free")
+        if frame_end is not None and bool((used & (frame >= frame_end)).any()):  # ok: host
+            raise ValueError(
+                f"state ['bank']['frame'] holds entries at or after frame {frame_end}, "
+                "where the saved video had not arrived"
+            )
+        if bool((stamp < 0).any() | (used & (stamp >= clock.to(stamp.device))).any()):  # ok: host
+            raise ValueError("state ['bank']['stamp'] must be >= 0 and below ['clock']")
+        feature = state["feature"]
+        if feature is None:
+            return None
+        dim = feature.shape[-1] if isinstance(feature, torch.Tensor) and feature.dim() == 2 else 1
+        like = self.feature
+        if like is None:
+            like = torch.empty(self.num_slots, dim, dtype=torch.float32, device=self.device)
+        check("['bank']['feature']", feature, like, finite=True)
+        return dim
+
+    def load_state_dict(self, state: dict[str, torch.Tensor | None], validate: bool = True) -> None:
+        """Copy a :meth:`state_dict` into this bank's buffers (they keep their identity).
+        Everything is validated first (:meth:`check_state`): a refused state changes
+        nothing. ``validate=False`` skips that for a state already checked."""
+        if validate:
+            self.check_state(state)
+        for name, value in state.items():
             if name == "feature":
                 if value is None:
                     self.feature = None
                     continue
                 self.ensure_feature_dim(value.shape[1])
-            current = getattr(self, name)
-            if current.shape != value.shape:
-                raise ValueError(
-                    f"bank state {name!r} has shape {tuple(value.shape)}, this bank needs "
-                    f"{tuple(current.shape)}"
-                )
-            current.copy_(value)
+            if value is not None:
+                getattr(self, name).copy_(value)

@@ -26,6 +26,14 @@ from .bank import FrameBank
 from .config import DySinkConfig
 from .fp8 import FP8_DTYPE
 from .gating import AnomalyStats, AnomalyTracker, SinkGate
+from .health import (
+    DEFAULT_BANK_SLOTS,
+    MAX_BANK_SLOTS,
+    CacheHealth,
+    bank_slots_for,
+    check_cache_state,
+    check_device,
+)
 from .ops.gathered_sink_attention import SinkAttnStats, gathered_attention
 from .ops.rope import rotate_temporal
 from .ops.select_sinks import select_sinks_impl
@@ -35,48 +43,9 @@ from .recache import Recacher
 if TYPE_CHECKING:
     from .distributed import HeadParallel
 
-__all__ = ["DEFAULT_BANK_SLOTS", "AnomalyStats", "DySinkCache", "SinkLayerStats"]
+__all__ = ["DEFAULT_BANK_SLOTS", "MAX_BANK_SLOTS", "AnomalyStats", "DySinkCache", "SinkLayerStats"]
 
-DEFAULT_BANK_SLOTS = 32
 _N_RANGES = 3  # sinks, window part before the ring wraps, window part after
-
-
-class _FeatureHealth:
-    """Reports non-finite block features to the host without a synchronisation.
-
-    The device computes a per-sample flag; on CPU it is read at once, on an
-    accelerator it is copied into pinned host memory after an event, and read when
-    the event has completed (checked at the next ``begin_block``/``end_block``).
-    """
-
-    def __init__(self, batch: int, device: torch.device) -> None:
-        self.on_host = device.type == "cpu"
-        pin = device.type == "cuda"
-        self.flags = torch.zeros(batch, dtype=torch.bool, pin_memory=pin)
-        self.event = torch.cuda.Event() if pin else None
-        self.pending: int | None = None  # block whose report is in flight
-
-    def report(self, bad: torch.Tensor, block: int) -> None:
-        self.flags.copy_(bad, non_blocking=not self.on_host)
-        if self.event is not None:
-            self.event.record()
-        self.pending = block
-
-    def raise_if_reported(self, wait: bool = False) -> None:
-        if self.pending is None:
-            return
-        if self.event is not None:
-            if wait:
-                self.event.synchronize()
-            elif not self.event.query():
-                return
-        block, self.pending = self.pending, None
-        bad = [i for i, flag in enumerate(self.flags.numpy().tolist()) if flag]  # ok: host
-        if bad:
-            raise ValueError(
-                f"the feature of block {block} holds NaN or Inf for sample(s) {bad}: that block "
-                "was not stored in the bank and its feature is not used for retrieval"
-            )
 
 
 class SinkLayerStats(NamedTuple):
@@ -112,12 +81,18 @@ class DySinkCache:
         attn(q, k, v, cache=cache, layer=l, commit=True)         # clean pass, every layer
         cache.end_block(feature)                 # store the block in the bank
 
+    NaN or Inf in call inputs, committed K/V or features are flagged on the device and
+    raised as ``health.NonFiniteError`` at a later protocol call or by
+    :meth:`check_health`; non-finite committed K/V are kept as 0 in the window and
+    their block is not stored (see ``health.py``).
+
     Args:
         config: the protocol's configuration.
         batch_size: videos generated together (each has its own bank entries).
         device, dtype: where and in which dtype K/V are kept; calls must match.
         bank_slots: bank capacity per sample (default ``config.max_entries`` or
-            32); when ``max_entries`` is ``None`` it is also the FIFO cap.
+            32), at most ``MAX_BANK_SLOTS`` (65,536) and no more bytes than the
+            bank's device has; when ``max_entries`` is ``None`` it is also the FIFO cap.
         backend: backend of every op the cache runs (``"auto"``, ``"naive"``, ...).
         feature_dim: size of external features (default: taken from the first
             ``end_block``).
@@ -129,7 +104,7 @@ class DySinkCache:
             retrieved slots on the device, layer by layer, on a side stream
             (``offload.py``); results equal the on-device bank's.
         max_bank_bytes: bank budget in bytes of K/V (all samples); sets the slots per
-            sample instead of ``bank_slots``.
+            sample instead of ``bank_slots`` (at most ``config.max_entries``).
         bank_dtype: the bank's K/V dtype: ``dtype`` (default) or ``torch.float8_e4m3fn``
             (half the bytes of bf16; one fp32 scale per layer, slot and head, computed
             at insert; the attention dequantises while loading; see ``fp8.py``).
@@ -155,45 +130,34 @@ class DySinkCache:
         store_latents: bool = False,
         bank_dtype: torch.dtype | None = None,
     ) -> None:
+        # Every argument, replayed by reset().
+        self._init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         if not isinstance(config, DySinkConfig):
             raise TypeError(f"config must be a DySinkConfig, got {type(config).__name__}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+        if not isinstance(store_latents, bool):
+            raise TypeError(f"store_latents must be a bool, got {store_latents!r}")
+        if feature_dim is not None and (
+            isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1
+        ):
+            raise ValueError(f"feature_dim must be an int >= 1 or None, got {feature_dim!r}")
+        device = check_device("device", device) or canonical_device(None)
+        bank_device = check_device("bank_device", bank_device)
         bank_dtype = dtype if bank_dtype is None else bank_dtype
         if bank_dtype not in (dtype, FP8_DTYPE):
             raise TypeError(
                 f"bank_dtype must be the cache dtype ({dtype_name(dtype)}) or float8_e4m3fn, "
                 f"got {bank_dtype}"
             )
-        if max_bank_bytes is not None:
-            if bank_slots is not None:
-                raise ValueError("give bank_slots or max_bank_bytes, not both")
-            elem = torch.empty(0, dtype=bank_dtype).element_size()
-            entry = 2 * config.num_layers * config.block_tokens * config.num_heads
-            entry *= config.head_dim * elem
-            bank_slots = int(max_bank_bytes) // (entry * batch_size)
-            if bank_slots < max(config.top_k, 1):
-                raise ValueError(
-                    f"max_bank_bytes={max_bank_bytes} holds {bank_slots} entries per sample "
-                    f"({entry} bytes each, batch {batch_size}); top_k={config.top_k} needs more"
-                )
-        if bank_slots is None:
-            bank_slots = config.max_entries or DEFAULT_BANK_SLOTS
-        if isinstance(bank_slots, bool) or not isinstance(bank_slots, int) or bank_slots < 0:
-            raise ValueError(f"bank_slots must be an int >= 0, got {bank_slots!r}")
-        if config.top_k > 0 and bank_slots == 0:
-            raise ValueError("bank_slots must be > 0 when top_k > 0")
-        cap = min(bank_slots, config.max_entries or bank_slots)
-        if config.top_k > cap:
-            raise ValueError(
-                f"top_k ({config.top_k}) exceeds the bank's capacity per sample ({cap}): the "
-                "window would stay widened forever; raise bank_slots/max_entries or lower top_k"
-            )
+        bank_slots = bank_slots_for(
+            config, batch_size, bank_slots, max_bank_bytes, bank_dtype, bank_device or device
+        )
         self.config = config
         self.batch_size = batch_size
-        self.device = canonical_device(device)
+        self.device = device
         self.dtype = dtype
         self.backend = backend
         self.parallel = parallel
@@ -246,9 +210,9 @@ class DySinkCache:
         self.anomaly_tracker = AnomalyTracker(c, B, dev)
         self.gate = SinkGate(self)
 
-        # Non-finite features are rejected on the device; the host learns of it
-        # without waiting (see _FeatureHealth).
-        self._health = _FeatureHealth(B, dev)
+        # Non-finite call inputs, K/V and features are flagged on the device; the host
+        # learns of it without waiting (health.py).
+        self._health = CacheHealth(B, dev)
 
         # Latents for recache (allocated at the first end_block, once their shape is known).
         self.recacher = Recacher(self, store_latents)
@@ -381,6 +345,7 @@ class DySinkCache:
         if not self._in_block:
             raise RuntimeError("attention called outside a block: call cache.begin_block() first")
         self._check_qkv(layer, q, k, v)
+        self._health.raise_if_reported()
         if self._committed[layer]:
             raise RuntimeError(
                 f"layer {layer} of block {self.block} was already committed; each layer "
@@ -388,6 +353,7 @@ class DySinkCache:
             )
         c = self.config
         B = self.batch_size
+        k, v = self._health.check_call(q, k, v, commit)
 
         qbar = q.float().mean(dim=1)
         kbar_local = (self.window_ksum[layer] + k.float().sum(dim=1)) / (
@@ -504,6 +470,7 @@ class DySinkCache:
             feat = self.block_mean_key()
         self.recacher.check_latent(latent)
         self._ensure_recent(feat.shape[1])
+        feat = self._health.refuse(feat)
 
         self.bank.usage.mul_(c.usage_decay)
         evict_key = self.bank.least_relevant_order() if c.eviction == "least_relevant" else None
@@ -519,7 +486,7 @@ class DySinkCache:
         self.recent_feat[:, row] = torch.where(finite[:, None], F.normalize(feat, dim=-1), 0.0)
 
         self.frame_dev.add_(c.frames_per_block)
-        self._health.report(~finite, self.block)
+        self._health.report(self.block)
         self.block += 1
         self._in_block = False
         self._health.raise_if_reported()
@@ -575,10 +542,13 @@ class DySinkCache:
         return torch.where(idx >= 0, frames, -1)
 
     def check_health(self) -> None:
-        """Wait for the device's report on the features given so far and raise if one
-        was not finite. Synchronises with the device (unlike the per-block path,
-        which raises such errors one block later without waiting)."""
+        """Raise :class:`~dysink_kernels.health.NonFiniteError` if NaN or Inf reached
+        the cache: call inputs, committed K/V or block features, including the block in
+        progress. Synchronises with the device (the per-block path reports the same
+        errors at a later protocol call without waiting)."""
         self._health.raise_if_reported(wait=True)
+        if self._in_block:
+            self._health.raise_if_flagged(self.block)
 
     # ----------------------------------------------------------- checkpointing
     def state_dict(self) -> dict:
@@ -604,26 +574,14 @@ class DySinkCache:
 
     def load_state_dict(self, state: dict) -> None:
         """Load a ``state_dict`` into this cache in place (buffers keep their identity,
-        so captured CUDA graphs stay valid). The config, batch size and dtype must match."""
+        so captured CUDA graphs stay valid). Everything is checked before anything is
+        copied (``health.check_cache_state``: keys, config, batch size, dtypes, shapes,
+        devices, finiteness, counters, bank invariants): a refused state raises
+        ``ValueError``/``TypeError`` and leaves the cache as it was."""
         if self._in_block:
             raise RuntimeError("load_state_dict inside a block: call it between blocks")
-        mine = self.config.to_dict()
-        theirs = state.get("config", {})
-        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-        if diff:
-            raise ValueError(
-                "state was saved from another DySinkConfig; differing fields: "
-                + ", ".join(f"{k} (saved {theirs.get(k)!r}, here {mine.get(k)!r})" for k in diff)
-            )
-        if state["batch_size"] != self.batch_size or state["dtype"] != str(self.dtype):
-            raise ValueError(
-                f"state has batch_size={state['batch_size']}, dtype={state['dtype']}; this cache "
-                f"has batch_size={self.batch_size}, dtype={self.dtype}"
-            )
-        for name in ("local_k", "local_v", "frame_ksum"):
-            if getattr(self, name).shape != state[name].shape:
-                raise ValueError(f"state {name!r} has shape {tuple(state[name].shape)}")
-        self.bank.load_state_dict(state["bank"])
+        check_cache_state(self, state)
+        self.bank.load_state_dict(state["bank"], validate=False)
         for name in ("local_k", "local_v", "frame_ksum", "frame_dev"):
             getattr(self, name).copy_(state[name])
         self.anomaly_tracker.mean.copy_(state["ent_mean"])
@@ -634,15 +592,13 @@ class DySinkCache:
         else:
             self._ensure_recent(state["recent_feat"].shape[-1])
             self.recent_feat.copy_(state["recent_feat"])
+        self.slot_idx.fill_(-1)  # nothing retrieved until the next begin_block
+        self.slot_score.fill_(float("-inf"))
+        self._health.clear()
         self.block = int(state["block"])
-        self._in_block = False
 
     def reset(self) -> None:
-        """Forget everything: start a new video with the same buffers."""
-        self.__init__(  # type: ignore[misc]
-            self.config, self.batch_size, self.device, self.dtype,
-            bank_slots=self.bank.slots_per_sample, backend=self.backend,
-            feature_dim=None if self.bank.feature is None else self.bank.feature.shape[1],
-            parallel=self.parallel,
-            bank_device=None if self.stager is None else self.bank.storage_device,
-        )  # fmt: skip
+        """Forget everything: start a new video. The cache is rebuilt with the arguments
+        it was constructed with (every option kept; new buffers, so CUDA graphs captured
+        on the old ones must be captured again)."""
+        self.__init__(**self._init_args)  # type: ignore[misc]

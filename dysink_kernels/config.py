@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 __all__ = ["DySinkConfig"]
@@ -18,6 +19,31 @@ EVICTIONS = ("fifo", "least_relevant")
 def _positive_int(name: str, value: object, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _number(
+    name: str,
+    value: object,
+    lo: float,
+    hi: float = math.inf,
+    *,
+    open_lo: bool = False,
+    open_hi: bool = False,
+) -> None:
+    """Refuse anything but a finite real number in ``[lo, hi]`` (open ends on request)."""
+    span = f"{'(' if open_lo else '['}{lo:g}, {hi:g}{')' if open_hi or hi == math.inf else ']'}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number in {span}, got {value!r}")
+    x = float(value)
+    below = x < lo or (open_lo and x == lo)
+    above = x > hi or (open_hi and x == hi)
+    if not math.isfinite(x) or below or above:
+        raise ValueError(f"{name} must be a finite number in {span}, got {value!r}")
+
+
+def _flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -40,7 +66,8 @@ class DySinkConfig:
         tau: gate threshold: an entry is dropped when the fraction of voting
             heads that prefer it over the window is ``> tau`` (0.8).
         dedup: a block is not stored when its feature's max cosine against the
-            sample's stored entries is ``> dedup`` (0.95); ``None`` stores all.
+            sample's stored entries is ``> dedup`` (0.95); in ``[0, 1]``; ``None`` (or 1)
+            stores all.
         max_entries: per-sample bank cap with FIFO eviction (``None``: the
             cache's slot capacity is the cap).
         gate: run the sink anomaly gate (the reference's ``sink_anomaly_gate``).
@@ -68,7 +95,7 @@ class DySinkConfig:
         sink_distance: frames between the current block's first frame and a
             re-positioned entry's first frame (default ``local_frames - sink_frames``:
             just before the steady window).
-        rope_theta: RoPE base of the model (Wan: 10000).
+        rope_theta: RoPE base of the model (Wan: 10000), finite and ``> 0``.
         gate_mode: ``"consensus"`` (the paper's vote, default), ``"entropy"`` (the
             entropy-anomaly gate alone) or ``"both"`` (drop when either says so).
             The entropy gate drops a slot for the next denoising call of a layer when
@@ -139,12 +166,11 @@ class DySinkConfig:
                 f"local_frames ({self.local_frames}) must leave at least one block "
                 f"({self.frames_per_block} frames) beyond sink_frames ({self.sink_frames})"
             )
-        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)):
-            raise ValueError(f"tau must be a number in [0, 1], got {self.tau!r}")
-        if not 0.0 <= self.tau <= 1.0:
-            raise ValueError(f"tau must be in [0, 1], got {self.tau!r}")
-        if self.dedup is not None and not isinstance(self.dedup, (int, float)):
-            raise ValueError(f"dedup must be a number or None, got {self.dedup!r}")
+        _number("tau", self.tau, 0.0, 1.0)
+        if self.dedup is not None:  # a cosine threshold; 1 never deduplicates
+            _number("dedup", self.dedup, 0.0, 1.0)
+        _flag("gate", self.gate)
+        _flag("stats", self.stats)
         if self.max_entries is not None:
             _positive_int("max_entries", self.max_entries)
         if self.gate_scope not in GATE_SCOPES:
@@ -158,7 +184,9 @@ class DySinkConfig:
         if self.feature not in FEATURES:
             raise ValueError(f"feature must be one of {FEATURES}, got {self.feature!r}")
         if self.feature_layer is not None and not (
-            isinstance(self.feature_layer, int) and 0 <= self.feature_layer < self.num_layers
+            isinstance(self.feature_layer, int)
+            and not isinstance(self.feature_layer, bool)
+            and 0 <= self.feature_layer < self.num_layers
         ):
             raise ValueError(
                 f"feature_layer must be in [0, {self.num_layers}), got {self.feature_layer!r}"
@@ -171,19 +199,20 @@ class DySinkConfig:
             raise ValueError(f"gate_mode must be one of {GATE_MODES}, got {self.gate_mode!r}")
         if self.gate_mode != "consensus" and not self.stats:
             raise ValueError(f'gate_mode="{self.gate_mode}" needs stats=True (it reads entropy)')
-        if not 0.0 <= self.anomaly_decay < 1.0:
-            raise ValueError(f"anomaly_decay must be in [0, 1), got {self.anomaly_decay!r}")
+        _number("rope_theta", self.rope_theta, 0.0, open_lo=True)
+        _number("anomaly_z", self.anomaly_z, 0.0)
+        _number("anomaly_decay", self.anomaly_decay, 0.0, 1.0, open_hi=True)
+        _number("anomaly_min_mass", self.anomaly_min_mass, 0.0, 1.0)
+        _number("anomaly_min_cv", self.anomaly_min_cv, 0.0)
         _positive_int("anomaly_warmup", self.anomaly_warmup, 0)
         if self.eviction not in EVICTIONS:
             raise ValueError(f"eviction must be one of {EVICTIONS}, got {self.eviction!r}")
-        if not 0.0 <= self.relevance_mix <= 1.0:
-            raise ValueError(f"relevance_mix must be in [0, 1], got {self.relevance_mix!r}")
-        if not 0.0 < self.usage_decay <= 1.0:
-            raise ValueError(f"usage_decay must be in (0, 1], got {self.usage_decay!r}")
+        _number("relevance_mix", self.relevance_mix, 0.0, 1.0)
+        _number("usage_decay", self.usage_decay, 0.0, 1.0, open_lo=True)
         if (self.eviction != "fifo" or self.relevance_mix > 0) and not self.stats:
             raise ValueError("usage-aware eviction/relevance needs stats=True (it reads slot_mass)")
-        if self.softmax_scale is not None and not self.softmax_scale > 0:
-            raise ValueError(f"softmax_scale must be positive, got {self.softmax_scale!r}")
+        if self.softmax_scale is not None:
+            _number("softmax_scale", self.softmax_scale, 0.0, open_lo=True)
 
     @property
     def block_tokens(self) -> int:

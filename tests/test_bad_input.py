@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -145,6 +147,38 @@ def test_sink_gate_bad_input(key, val, exc, needle):
         (dict(exclude="none"), "exclude"),
         (dict(num_heads=0), "num_heads"),
         (dict(feature_layer=5), "feature_layer"),
+        (dict(feature_layer=True), "feature_layer"),
+        (dict(dedup=5), "dedup"),
+        (dict(dedup=float("nan")), "dedup"),
+        (dict(dedup=-1), "dedup"),
+        (dict(dedup="0.9"), "dedup"),
+        (dict(tau=float("nan")), "tau"),
+        (dict(anomaly_z=-0.5), "anomaly_z"),
+        (dict(anomaly_z=float("inf")), "anomaly_z"),
+        (dict(anomaly_min_mass=float("nan")), "anomaly_min_mass"),
+        (dict(anomaly_min_mass=1.5), "anomaly_min_mass"),
+        (dict(anomaly_min_cv=-1), "anomaly_min_cv"),
+        (dict(anomaly_decay=1.0), "anomaly_decay"),
+        (dict(anomaly_decay=float("nan")), "anomaly_decay"),
+        (dict(anomaly_warmup=-1), "anomaly_warmup"),
+        (dict(softmax_scale=float("inf")), "softmax_scale"),
+        (dict(softmax_scale=0.0), "softmax_scale"),
+        (dict(softmax_scale=float("nan")), "softmax_scale"),
+        (dict(rope_theta=0.0, sink_rope="relative"), "rope_theta"),
+        (dict(rope_theta=-5.0), "rope_theta"),
+        (dict(rope_theta=float("nan")), "rope_theta"),
+        (dict(relevance_mix=float("nan")), "relevance_mix"),
+        (dict(usage_decay=0.0), "usage_decay"),
+        (dict(usage_decay=float("inf")), "usage_decay"),
+        (dict(gate=1), "gate"),
+        (dict(stats="yes"), "stats"),
+        (dict(max_entries=0), "max_entries"),
+        (dict(sink_distance=-1), "sink_distance"),
+        (dict(tokens_per_frame=2.5), "tokens_per_frame"),
+        (dict(eviction="lru"), "eviction"),
+        (dict(gate_mode="x"), "gate_mode"),
+        (dict(sink_rope="x"), "sink_rope"),
+        (dict(window_scope="x"), "window_scope"),
     ],
 )
 def test_config_bad_input(kw, needle):
@@ -231,3 +265,38 @@ def test_cache_constructor_errors():
     cache.begin_block()
     with pytest.raises(ValueError, match="another DySinkConfig"):
         other(*qkv(), cache=cache, layer=0)
+
+
+def test_cache_constructor_names_the_argument():
+    cfg = DySinkConfig(num_layers=2, num_heads=2, head_dim=16, tokens_per_frame=8)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device='cuda'.* 0 CUDA device"):
+            DySinkCache(cfg, device="cuda")
+        with pytest.raises(ValueError, match="bank_device"):
+            DySinkCache(cfg, bank_device="cuda:0")
+    with pytest.raises(ValueError, match="device='nowhere' is not a device"):
+        DySinkCache(cfg, device="nowhere")
+    with pytest.raises(ValueError, match="CPU or CUDA"):
+        DySinkCache(cfg, device="meta")
+    with pytest.raises(ValueError, match=r"bank_slots gives 1000000000000 bank slots.*MAX_BANK"):
+        DySinkCache(cfg, bank_slots=10**12)
+    # 1e9 bytes of a tiny model are 162,760 slots: refused, not preallocated
+    with pytest.raises(ValueError, match="max_bank_bytes gives 162760 bank slots"):
+        DySinkCache(cfg, max_bank_bytes=1e9)  # bf16
+    # with a cap, the budget gives the cap's slots
+    capped = dataclasses.replace(cfg, max_entries=4)
+    assert DySinkCache(capped, dtype=torch.float32, max_bank_bytes=1e9).bank.slots_per_sample == 4
+    with pytest.raises(ValueError, match="GiB"):  # more bytes than the machine has
+        DySinkCache(
+            DySinkConfig(num_layers=40, num_heads=40, head_dim=128, tokens_per_frame=4096),
+            bank_slots=60_000,
+        )
+    for bad in (0, -1, float("nan"), float("inf"), True, "1e9"):
+        with pytest.raises(ValueError, match="max_bank_bytes"):
+            DySinkCache(cfg, max_bank_bytes=bad)
+    with pytest.raises(ValueError, match="feature_dim"):
+        DySinkCache(cfg, feature_dim=0)
+    with pytest.raises(TypeError, match="store_latents"):
+        DySinkCache(cfg, store_latents="yes")
+    with pytest.raises(ValueError, match="max_entries gives 100000 bank slots"):
+        DySinkCache(dataclasses.replace(cfg, max_entries=100_000))
