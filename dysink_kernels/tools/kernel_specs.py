@@ -140,7 +140,7 @@ def aot_specs(arch: int) -> list[KernelSpec]:
 
 # ----------------------------------------------------------------------------- AOT report
 _CONSTEXPRS = ("D", "N_RANGES", "HAS_CUR", "STATS", "ROTATE", "QUANT", "N_SLOTS", "BLOCK_M",
-               "BLOCK_N", "BLOCK_D", "PRECISION", "USE_TMA")  # fmt: skip
+               "BLOCK_N", "BLOCK_D", "PRECISION", "USE_TMA", "FP8_NATIVE")  # fmt: skip
 _KV = ("PK", "PV", "LK", "LV", "CK", "CV")
 
 
@@ -156,7 +156,7 @@ def gathered_attention_specs(arch: int, head_dim: int = 128, dtype: str = "bf16"
              "stride_scp")  # fmt: skip
     divisible = tuple(
         n for n in names
-        if n in ("Q", "OUT", "LSE", "ENT", "MASS") or (not cfg.tma and n in _KV)
+        if n in ("Q", "OUT", "LSE", "ENT", "MASS") or (not cfg.tma and n in ("QD", *_KV))
         or (n.startswith("stride") and n not in small)
     )  # fmt: skip
     specs = []
@@ -175,6 +175,9 @@ def gathered_attention_specs(arch: int, head_dim: int = 128, dtype: str = "bf16"
                     f"tensordesc<{kv_type}[1,{cfg.block_n},1,{head_dim}]>" if cfg.tma
                     else f"*{kv_type}"
                 )  # fmt: skip
+            elif name == "QD":
+                sig[name] = (f"tensordesc<{dtype}[1,{cfg.block_m},1,{head_dim}]>" if cfg.tma
+                             else f"*{dtype}")  # fmt: skip
             elif name in ("Q", "OUT"):
                 sig[name] = f"*{dtype}"
             elif name in ("SLOT", "RANGES"):
@@ -188,7 +191,7 @@ def gathered_attention_specs(arch: int, head_dim: int = 128, dtype: str = "bf16"
         const = dict(
             D=head_dim, N_RANGES=n_ranges, HAS_CUR=has_cur, STATS=stats, ROTATE=rotate,
             QUANT=quant, N_SLOTS=2, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_D=head_dim, PRECISION="tf32", USE_TMA=cfg.tma,
+            BLOCK_D=head_dim, PRECISION="tf32", USE_TMA=cfg.tma, FP8_NATIVE=quant and arch >= 89,
         )  # fmt: skip
         specs.append(
             KernelSpec(

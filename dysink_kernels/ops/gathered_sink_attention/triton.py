@@ -44,7 +44,8 @@ from .common import SinkAttnStats
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
 NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity": exp2(NEG_BIG - m) is 0, never NaN
-FP8_DECODE = tl.constexpr(256.0)  # _e4m3_to_f16 yields value * 2^-8
+FP8_DECODE = tl.constexpr(256.0)  # _e4m3_to_f16 without NATIVE yields value * 2^-8
+Q_F16_SCALE = tl.constexpr(256.0)  # bf16 queries enter fp16 slot products as q * 2^-8
 
 __all__ = ["KernelConfig", "flops", "gathered_attention_triton", "pick_config"]
 
@@ -112,21 +113,27 @@ def _kv_tile(
 
 
 @triton.jit
-def _e4m3_to_f16(b):
-    """fp8 e4m3 bytes -> fp16 holding ``value * 2^-8``, exactly (subnormals included):
-    the byte's exponent and mantissa bits move into fp16's fields, whose bias is 8
-    larger (two integer ops per element, no conversion unit needed)."""
-    x = b.to(tl.uint16)
-    return (((x & 0x80) << 8) | ((x & 0x7F) << 7)).to(tl.float16, bitcast=True)
+def _e4m3_to_f16(b, NATIVE: tl.constexpr):
+    """fp8 e4m3 bytes -> fp16, exactly (e4m3 is a subset of fp16).
+
+    ``NATIVE`` (sm_89+): the hardware conversion, two bytes per instruction, giving
+    the value itself. Otherwise integer ops: the byte's exponent and mantissa bits
+    move into fp16's fields, whose bias is 8 larger, giving ``value * 2^-8``
+    (subnormals included); the caller folds the ``2^8`` into the slot's scales."""
+    if NATIVE:
+        return b.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    else:
+        x = b.to(tl.uint16)
+        return (((x & 0x80) << 8) | ((x & 0x7F) << 7)).to(tl.float16, bitcast=True)
 
 
 @triton.jit
 def _turn_q(b_q, cos, sin, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Turn each channel pair ``(2j, 2j+1)`` of ``b_q`` (fp32) by ``-angle_j``.
+    """``b_q`` with each channel pair ``(2j, 2j+1)`` turned by ``-angle_j``, in fp32.
 
     ``q . R(a) k == R(-a) q . k``: turning the queries once per slot replaces turning
     every key of the slot in every query tile."""
-    x = tl.reshape(b_q, (BLOCK_M, BLOCK_D // 2, 2))
+    x = tl.reshape(b_q.to(tl.float32), (BLOCK_M, BLOCK_D // 2, 2))
     x_re, x_im = tl.split(x)
     cs = cos[None, :]
     sn = sin[None, :]
@@ -136,7 +143,7 @@ def _turn_q(b_q, cos, sin, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def _gathered_attn_fwd(
-    Q, PK, PV, SLOT, LK, LV, RANGES, CK, CV, ROT_COS, ROT_SIN, K_SCALE, V_SCALE,
+    Q, QD, PK, PV, SLOT, LK, LV, RANGES, CK, CV, ROT_COS, ROT_SIN, K_SCALE, V_SCALE,
     OUT, LSE, ENT, MASS,
     n_slots, Sq, S_e, Sc, H, qk_scale,
     stride_qb, stride_qm, stride_qh,
@@ -161,6 +168,7 @@ def _gathered_attn_fwd(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
+    FP8_NATIVE: tl.constexpr,
 ):  # fmt: skip
     """One program: ``BLOCK_M`` queries of one (batch, head) against all its segments.
 
@@ -180,8 +188,12 @@ def _gathered_attn_fwd(
     m_m = o_m < Sq
     m_d = o_d < D
 
-    p_q = Q + i_b64 * stride_qb + i_h64 * stride_qh + o_m[:, None] * stride_qm + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
+    p_q0 = Q + i_b64 * stride_qb + i_h64 * stride_qh + o_m[:, None] * stride_qm
+    p_q = p_q0 + o_d[None, :]
+    if USE_TMA:  # straight into shared memory, where both products read it
+        b_q = tl.reshape(QD.load([i_b, i_m * BLOCK_M, i_h, 0]), (BLOCK_M, BLOCK_D))
+    else:
+        b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
@@ -190,72 +202,9 @@ def _gathered_attn_fwd(
     o_s = tl.arange(0, N_SLOTS)
     lm_slot = tl.full([BLOCK_M, N_SLOTS], float("-inf"), dtype=tl.float32)
 
-    # ---- 1. bank slots, one at a time; a -1 entry loads nothing.
-    n_full = S_e // BLOCK_N
-    n_rem = S_e - n_full * BLOCK_N
-    if ROTATE:
-        o_p = tl.arange(0, BLOCK_D // 2)
-    for j in range(n_slots):
-        slot = tl.load(SLOT + i_b64 * stride_sb + j * stride_sn)
-        if slot >= 0:
-            off = slot.to(tl.int64) * stride_pp + i_h64 * stride_ph
-            c = qk_scale
-            if QUANT or ROTATE:  # this slot's own query operand, built once
-                b_qj = b_q.to(tl.float32)
-                if ROTATE:
-                    p_rot = i_b64 * stride_rotb + j * stride_rotn + o_p
-                    b_qj = _turn_q(b_qj, tl.load(ROT_COS + p_rot), tl.load(ROT_SIN + p_rot),
-                                   BLOCK_M, BLOCK_D)  # fmt: skip
-                if QUANT:
-                    # Keys decode to ``k * 2^-8`` in fp16 and the slot's scale folds into
-                    # c; values keep p in [0, 1]: acc is divided by the value scale
-                    # while this slot is summed (fp32, once per slot, not per tile).
-                    k_sc = tl.load(K_SCALE + slot.to(tl.int64) * stride_scp + i_h)
-                    v_sc = tl.load(V_SCALE + slot.to(tl.int64) * stride_scp + i_h) * FP8_DECODE
-                    c = c * k_sc * FP8_DECODE
-                    if Q.dtype.element_ty == tl.bfloat16:  # fp16 operand: keep q in range
-                        b_qj = b_qj * (1.0 / FP8_DECODE)
-                        c = c * FP8_DECODE
-                    if Q.dtype.element_ty != tl.float32:
-                        b_qj = b_qj.to(tl.float16)
-                    acc = acc * (1.0 / v_sc)
-                else:
-                    b_qj = b_qj.to(Q.dtype.element_ty)
-            else:
-                b_qj = b_q
-            if STATS:
-                l_start = l_i
-                m_start = m_i
-            for t in range(0, n_full):
-                b_k = _kv_tile(PK, slot, t * BLOCK_N, i_h, off, stride_pn, BLOCK_N,
-                               D, BLOCK_N, BLOCK_D, USE_TMA, False)  # fmt: skip
-                b_v = _kv_tile(PV, slot, t * BLOCK_N, i_h, off, stride_pn, BLOCK_N,
-                               D, BLOCK_N, BLOCK_D, USE_TMA, False)  # fmt: skip
-                if QUANT:
-                    b_k = _e4m3_to_f16(b_k).to(b_qj.dtype)
-                    b_v = _e4m3_to_f16(b_v).to(b_qj.dtype)
-                acc, m_i, l_i, u_i = _fold(b_qj, b_k, b_v, acc, m_i, l_i, u_i, c, BLOCK_N,
-                                           False, STATS, PRECISION, BLOCK_N)  # fmt: skip
-            if n_rem > 0:
-                b_k = _kv_tile(PK, slot, n_full * BLOCK_N, i_h, off, stride_pn, n_rem,
-                               D, BLOCK_N, BLOCK_D, USE_TMA, True)  # fmt: skip
-                b_v = _kv_tile(PV, slot, n_full * BLOCK_N, i_h, off, stride_pn, n_rem,
-                               D, BLOCK_N, BLOCK_D, USE_TMA, True)  # fmt: skip
-                if QUANT:
-                    b_k = _e4m3_to_f16(b_k).to(b_qj.dtype)
-                    b_v = _e4m3_to_f16(b_v).to(b_qj.dtype)
-                acc, m_i, l_i, u_i = _fold(b_qj, b_k, b_v, acc, m_i, l_i, u_i, c, n_rem,
-                                           True, STATS, PRECISION, BLOCK_N)  # fmt: skip
-            if QUANT:
-                acc = acc * v_sc
-            if STATS:  # this slot's share of l, at the current max: once per slot
-                l_seg = tl.maximum(l_i - l_start * tl.math.exp2(m_start - m_i), 0.0)
-                lm_slot = tl.where(o_s[None, :] == j, (m_i + tl.math.log2(l_seg))[:, None],
-                                   lm_slot)  # fmt: skip
-
-    # ---- 2. local ranges [lo, hi) of the local buffer.
+    # ---- 1. local ranges [lo, hi) of the local buffer.
     off_l = i_b64 * stride_lb + i_h64 * stride_lh
-    for r in range(N_RANGES):
+    for r in tl.static_range(N_RANGES):
         p_rng = RANGES + i_b64 * stride_rb + r * stride_rr
         lo = tl.load(p_rng)
         n_keys = tl.maximum(tl.load(p_rng + 1) - lo, 0)
@@ -276,7 +225,7 @@ def _gathered_attn_fwd(
             acc, m_i, l_i, u_i = _fold(b_q, b_k, b_v, acc, m_i, l_i, u_i, qk_scale, r_rem,
                                        True, STATS, PRECISION, BLOCK_N)  # fmt: skip
 
-    # ---- 3. every key of the current chunk.
+    # ---- 2. every key of the current chunk.
     if HAS_CUR:
         off_c = i_b64 * stride_cb + i_h64 * stride_ch
         c_full = Sc // BLOCK_N
@@ -295,6 +244,75 @@ def _gathered_attn_fwd(
                            D, BLOCK_N, BLOCK_D, USE_TMA, True)  # fmt: skip
             acc, m_i, l_i, u_i = _fold(b_q, b_k, b_v, acc, m_i, l_i, u_i, qk_scale, c_rem,
                                        True, STATS, PRECISION, BLOCK_N)  # fmt: skip
+
+    # ---- 3. bank slots, one at a time; a -1 entry loads nothing. (Last: a runtime
+    # loop nest followed by another MMA loop makes ptxas serialise every wgmma.)
+    n_full = S_e // BLOCK_N
+    n_rem = S_e - n_full * BLOCK_N
+    if ROTATE:
+        o_p = tl.arange(0, BLOCK_D // 2)
+    for j in range(n_slots):
+        slot = tl.load(SLOT + i_b64 * stride_sb + j * stride_sn)
+        if slot >= 0:
+            off = slot.to(tl.int64) * stride_pp + i_h64 * stride_ph
+            c = qk_scale
+            if QUANT or ROTATE:  # this slot's own query operand, built once per slot
+                if ROTATE:
+                    p_rot = i_b64 * stride_rotb + j * stride_rotn + o_p
+                    b_qj = _turn_q(b_q, tl.load(ROT_COS + p_rot), tl.load(ROT_SIN + p_rot),
+                                   BLOCK_M, BLOCK_D)  # fmt: skip
+                else:
+                    b_qj = b_q
+                if QUANT:
+                    # Keys decode to ``k * 2^-8`` in fp16 and the slot's scale folds into
+                    # c; values keep p in [0, 1]: acc is divided by the value scale
+                    # while this slot is summed (fp32, once per slot, not per tile).
+                    if FP8_NATIVE:
+                        dec = 1.0
+                    else:
+                        dec = FP8_DECODE
+                    k_sc = tl.load(K_SCALE + slot.to(tl.int64) * stride_scp + i_h)
+                    v_sc = tl.load(V_SCALE + slot.to(tl.int64) * stride_scp + i_h) * dec
+                    c = c * k_sc * dec
+                    if Q.dtype.element_ty == tl.bfloat16:  # fp16 operand: keep q in range
+                        b_qj = b_qj.to(tl.float32) * (1.0 / Q_F16_SCALE)
+                        c = c * Q_F16_SCALE
+                    if Q.dtype.element_ty != tl.float32:
+                        b_qj = b_qj.to(tl.float16)
+                    acc = acc * (1.0 / v_sc)
+                else:
+                    b_qj = b_qj.to(Q.dtype.element_ty)
+            else:
+                b_qj = b_q
+            if STATS:
+                l_start = l_i
+                m_start = m_i
+            for t in range(0, n_full):
+                b_k = _kv_tile(PK, slot, t * BLOCK_N, i_h, off, stride_pn, BLOCK_N,
+                               D, BLOCK_N, BLOCK_D, USE_TMA, False)  # fmt: skip
+                b_v = _kv_tile(PV, slot, t * BLOCK_N, i_h, off, stride_pn, BLOCK_N,
+                               D, BLOCK_N, BLOCK_D, USE_TMA, False)  # fmt: skip
+                if QUANT:
+                    b_k = _e4m3_to_f16(b_k, FP8_NATIVE).to(b_qj.dtype)
+                    b_v = _e4m3_to_f16(b_v, FP8_NATIVE).to(b_qj.dtype)
+                acc, m_i, l_i, u_i = _fold(b_qj, b_k, b_v, acc, m_i, l_i, u_i, c, BLOCK_N,
+                                           False, STATS, PRECISION, BLOCK_N)  # fmt: skip
+            if n_rem > 0:
+                b_k = _kv_tile(PK, slot, n_full * BLOCK_N, i_h, off, stride_pn, n_rem,
+                               D, BLOCK_N, BLOCK_D, USE_TMA, True)  # fmt: skip
+                b_v = _kv_tile(PV, slot, n_full * BLOCK_N, i_h, off, stride_pn, n_rem,
+                               D, BLOCK_N, BLOCK_D, USE_TMA, True)  # fmt: skip
+                if QUANT:
+                    b_k = _e4m3_to_f16(b_k, FP8_NATIVE).to(b_qj.dtype)
+                    b_v = _e4m3_to_f16(b_v, FP8_NATIVE).to(b_qj.dtype)
+                acc, m_i, l_i, u_i = _fold(b_qj, b_k, b_v, acc, m_i, l_i, u_i, c, n_rem,
+                                           True, STATS, PRECISION, BLOCK_N)  # fmt: skip
+            if QUANT:
+                acc = acc * v_sc
+            if STATS:  # this slot's share of l, at the current max: once per slot
+                l_seg = tl.maximum(l_i - l_start * tl.math.exp2(m_start - m_i), 0.0)
+                lm_slot = tl.where(o_s[None, :] == j, (m_i + tl.math.log2(l_seg))[:, None],
+                                   lm_slot)  # fmt: skip
 
     # Rows that attended nothing (l == 0) get zeros, lse = -inf, entropy 0.
     attended = l_i > 0.0
@@ -435,6 +453,11 @@ def _descriptor_ok(t: torch.Tensor) -> bool:
     )
 
 
+def _native_fp8(device: torch.device) -> bool:
+    """Whether the GPU converts e4m3 in hardware (compute capability 8.9 and later)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs keep fp32 accuracy; 16-bit inputs use the tensor cores as they are.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -540,22 +563,23 @@ def gathered_attention_triton(
         rot_cos = rot_sin = lse  # never read without ROTATE
 
     kv = [pool_k, pool_v, local_k, local_v] + ([cur_k, cur_v] if has_cur else [])
-    use_tma = cfg.tma and all(_descriptor_ok(t) for t in kv)
+    use_tma = cfg.tma and all(_descriptor_ok(t) for t in [q, *kv])
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         block = [1, cfg.block_n, 1, block_d]
         pk_a, pv_a, lk_a, lv_a = (TensorDescriptor.from_tensor(t, block) for t in kv[:4])
+        qd = TensorDescriptor.from_tensor(q, [1, cfg.block_m, 1, block_d])
         ck_a, cv_a = (
             (TensorDescriptor.from_tensor(t, block) for t in kv[4:]) if has_cur else (lk_a, lv_a)
         )
     else:
-        pk_a, pv_a, lk_a, lv_a = pool_k, pool_v, local_k, local_v
+        qd, pk_a, pv_a, lk_a, lv_a = q, pool_k, pool_v, local_k, local_v
         ck_a, cv_a = (cur_k, cur_v) if has_cur else (local_k, local_v)  # never read without cur
     cs = cur_k.stride() if has_cur else (0, 0, 0)
     grid = (n_m, B * H)
     _gathered_attn_fwd[grid](
-        q, pk_a, pv_a, slot_idx, lk_a, lv_a, local_ranges, ck_a, cv_a,
+        q, qd, pk_a, pv_a, slot_idx, lk_a, lv_a, local_ranges, ck_a, cv_a,
         rot_cos, rot_sin,
         pool_k_scale if quant else lse, pool_v_scale if quant else lse,
         out, lse, ent, mass,
@@ -574,6 +598,7 @@ def gathered_attention_triton(
         ROTATE=rotate, QUANT=quant, N_SLOTS=n_slots_pad,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_D=block_d, PRECISION=_precision(q.dtype), USE_TMA=use_tma,
+        FP8_NATIVE=quant and _native_fp8(q.device),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if not return_stats:
