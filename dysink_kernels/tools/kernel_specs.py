@@ -148,15 +148,15 @@ def gathered_attention_specs(arch: int, head_dim: int = 128, dtype: str = "bf16"
     """Production configurations for the kernel report: the module's call (3 local
     ranges + current keys) and the public op's (1 range), with and without stats,
     re-positioned slots and an fp8 bank. On sm_90 K/V are tensor descriptors."""
-    cfg = att.pick_config(torch.device("cuda"), head_dim, arch=arch // 10)
     names = att._gathered_attn_fwd.arg_names
+    tma = arch >= 90
     # Pointers are 16-byte aligned and strides of (tokens, heads, dim) tensors with
     # H * D a multiple of 16 are multiples of 16, as Triton specialises at run time.
     small = ("stride_sn", "stride_rr", "stride_sb", "stride_rb", "stride_rotb", "stride_rotn",
              "stride_scp")  # fmt: skip
     divisible = tuple(
         n for n in names
-        if n in ("Q", "OUT", "LSE", "ENT", "MASS") or (not cfg.tma and n in ("QD", *_KV))
+        if n in ("Q", "OUT", "LSE", "ENT", "MASS") or (not tma and n in ("QD", *_KV))
         or (n.startswith("stride") and n not in small)
     )  # fmt: skip
     specs = []
@@ -167,6 +167,9 @@ def gathered_attention_specs(arch: int, head_dim: int = 128, dtype: str = "bf16"
         ("module+stats+fp8", 3, True, True, False, True),
     ]  # fmt: skip
     for label, n_ranges, has_cur, stats, rotate, quant in variants:
+        cfg = att.pick_config(
+            torch.device("cuda"), head_dim, arch=arch // 10, stats=stats, rotate=rotate, quant=quant
+        )
         sig = {}
         for name in names:
             kv_type = "u8" if quant and name in ("PK", "PV") else dtype

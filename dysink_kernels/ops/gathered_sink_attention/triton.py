@@ -128,16 +128,18 @@ def _e4m3_to_f16(b, NATIVE: tl.constexpr):
 
 
 @triton.jit
-def _turn_q(b_q, cos, sin, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``b_q`` with each channel pair ``(2j, 2j+1)`` turned by ``-angle_j``, in fp32.
+def _turn_q(b_q, cos, sin, OUT_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``b_q`` with each channel pair ``(2j, 2j+1)`` turned by ``-angle_j`` (and scaled
+    by ``|cos + i sin|``), as ``OUT_T``.
 
     ``q . R(a) k == R(-a) q . k``: turning the queries once per slot replaces turning
     every key of the slot in every query tile."""
-    x = tl.reshape(b_q.to(tl.float32), (BLOCK_M, BLOCK_D // 2, 2))
-    x_re, x_im = tl.split(x)
+    x_re, x_im = tl.split(tl.reshape(b_q, (BLOCK_M, BLOCK_D // 2, 2)))
+    x_re = x_re.to(tl.float32)
+    x_im = x_im.to(tl.float32)
     cs = cos[None, :]
     sn = sin[None, :]
-    y = tl.join(x_re * cs + x_im * sn, x_im * cs - x_re * sn)
+    y = tl.join((x_re * cs + x_im * sn).to(OUT_T), (x_im * cs - x_re * sn).to(OUT_T))
     return tl.reshape(y, (BLOCK_M, BLOCK_D))
 
 
@@ -257,16 +259,35 @@ def _gathered_attn_fwd(
             off = slot.to(tl.int64) * stride_pp + i_h64 * stride_ph
             c = qk_scale
             if QUANT or ROTATE:  # this slot's own query operand, built once per slot
+                # fp8 slots multiply in fp16 (e4m3 converts exactly; fp32 stays fp32),
+                # bf16 queries entering it as q * 2^-8 (no overflow), the factor
+                # folded back into c.
+                if QUANT and Q.dtype.element_ty != tl.float32:
+                    q_dt: tl.constexpr = tl.float16
+                else:
+                    q_dt: tl.constexpr = Q.dtype.element_ty
+                if QUANT and Q.dtype.element_ty == tl.bfloat16:
+                    q_mul = 1.0 / Q_F16_SCALE
+                    c = c * Q_F16_SCALE
+                else:
+                    q_mul = 1.0
+                # With TMA, Q is read again here (a load is not hoisted out of the slot
+                # loop, so its fp32 form is not held in registers through the loop).
+                if USE_TMA:
+                    b_q0 = tl.reshape(QD.load([i_b, i_m * BLOCK_M, i_h, 0]), (BLOCK_M, BLOCK_D))
+                else:
+                    b_q0 = b_q
                 if ROTATE:
                     p_rot = i_b64 * stride_rotb + j * stride_rotn + o_p
-                    b_qj = _turn_q(b_q, tl.load(ROT_COS + p_rot), tl.load(ROT_SIN + p_rot),
-                                   BLOCK_M, BLOCK_D)  # fmt: skip
+                    rot_cos = tl.load(ROT_COS + p_rot) * q_mul
+                    rot_sin = tl.load(ROT_SIN + p_rot) * q_mul
+                    b_qj = _turn_q(b_q0, rot_cos, rot_sin, q_dt, BLOCK_M, BLOCK_D)
                 else:
-                    b_qj = b_q
+                    b_qj = (b_q0.to(tl.float32) * q_mul).to(q_dt)
                 if QUANT:
-                    # Keys decode to ``k * 2^-8`` in fp16 and the slot's scale folds into
-                    # c; values keep p in [0, 1]: acc is divided by the value scale
-                    # while this slot is summed (fp32, once per slot, not per tile).
+                    # Keys: the slot's scale (and the decode's 2^8) folds into c. Values:
+                    # p stays in [0, 1]; acc is divided by the value scale while this
+                    # slot is summed (fp32, once per slot, not per tile).
                     if FP8_NATIVE:
                         dec = 1.0
                     else:
@@ -274,14 +295,7 @@ def _gathered_attn_fwd(
                     k_sc = tl.load(K_SCALE + slot.to(tl.int64) * stride_scp + i_h)
                     v_sc = tl.load(V_SCALE + slot.to(tl.int64) * stride_scp + i_h) * dec
                     c = c * k_sc * dec
-                    if Q.dtype.element_ty == tl.bfloat16:  # fp16 operand: keep q in range
-                        b_qj = b_qj.to(tl.float32) * (1.0 / Q_F16_SCALE)
-                        c = c * Q_F16_SCALE
-                    if Q.dtype.element_ty != tl.float32:
-                        b_qj = b_qj.to(tl.float16)
                     acc = acc * (1.0 / v_sc)
-                else:
-                    b_qj = b_qj.to(Q.dtype.element_ty)
             else:
                 b_qj = b_q
             if STATS:
@@ -387,7 +401,7 @@ _CONFIGS: dict[tuple[int, int], KernelConfig] = {
     (9, 128): KernelConfig(128, 64, 8, 3, tma=True),
     (9, 256): KernelConfig(128, 32, 8, 2, tma=True),
     (8, 64): KernelConfig(128, 64, 8, 3),
-    (8, 128): KernelConfig(128, 32, 8, 3),
+    (8, 128): KernelConfig(128, 32, 8, 2),
     (8, 256): KernelConfig(64, 64, 8, 2),
 }
 # Configurations DYSINK_AUTOTUNE=1 tries (on the GPU, at the first call of each
@@ -412,8 +426,17 @@ def _dim_bucket(block_d: int) -> int:
     return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
 
 
-def pick_config(device: torch.device, head_dim: int, arch: int | None = None) -> KernelConfig:
-    """The launch configuration for ``device`` (or compute capability major ``arch``)."""
+def pick_config(
+    device: torch.device,
+    head_dim: int,
+    arch: int | None = None,
+    *,
+    stats: bool = False,
+    rotate: bool = False,
+    quant: bool = False,
+) -> KernelConfig:
+    """The launch configuration for ``device`` (or compute capability major ``arch``)
+    and this call's variant (statistics, re-positioned slots, fp8 bank)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if arch is None:
         if device.type != "cuda":
@@ -422,7 +445,15 @@ def pick_config(device: torch.device, head_dim: int, arch: int | None = None) ->
     if arch >= 10:  # no tuned table beyond Hopper: its tiles, pointer loads
         base = _CONFIGS[(9, _dim_bucket(block_d))]
         return KernelConfig(base.block_m, base.block_n, base.num_warps, base.num_stages)
-    return _CONFIGS.get((arch, _dim_bucket(block_d)), _FALLBACK)
+    cfg = _CONFIGS.get((arch, _dim_bucket(block_d)), _FALLBACK)
+    if arch == 9 and quant and cfg.num_stages > 2:
+        # The e4m3 conversion's registers: a third stage spills 8 bytes (Triton 3.6).
+        cfg = KernelConfig(cfg.block_m, cfg.block_n, cfg.num_warps, 2, cfg.tma)
+    if arch == 8 and (stats or rotate or quant) and cfg.block_n > 16:
+        # mma.sync holds whole K/V operands per warp: with statistics, turned queries
+        # or the fp8 decode, 32-key tiles spill 8-112 bytes (Triton 3.6/3.9).
+        cfg = KernelConfig(cfg.block_m, 16, cfg.num_warps, cfg.num_stages, cfg.tma)
+    return cfg
 
 
 # Pointer loads address a tile as int32 row offsets from a segment's int64 origin.
@@ -545,7 +576,9 @@ def gathered_attention_triton(
             (q, pool_k, pool_v, slot_idx, local_k, local_v, local_ranges,
              cur_k, cur_v, softmax_scale, return_stats, slot_delta, rope_theta),
         )  # fmt: skip
-    cfg = config or pick_config(q.device, D)
+    cfg = config or pick_config(
+        q.device, D, stats=return_stats, rotate=slot_delta is not None, quant=quant
+    )
     n_m = triton.cdiv(Sq, cfg.block_m)
     n_slots_pad = max(2, triton.next_power_of_2(n))
     if return_stats:
