@@ -1,33 +1,69 @@
-"""Fused Triton gathered-sink attention: one pass over [slots] + [local ranges] + [current keys].
+"""Fused Triton gathered-sink attention: one pass over [local ranges] + [current keys] + [slots].
 
-Each program owns ``BLOCK_M`` queries of one (batch, head). It walks, with one
-online softmax in fp32:
+Each program owns ``BLOCK_M`` queries of one (batch, head) and folds, with one
+online softmax in fp32, three kinds of segments, each with a loop of its own:
 
-1. the listed bank slots, by index, straight out of ``pool_k/pool_v`` (a ``-1``
-   slot is skipped without loading anything);
-2. up to ``R`` half-open token ranges of the local buffer (the public op passes
+1. up to ``R`` half-open token ranges of the local buffer (the public op passes
    one range ``[0, k_len)``; ``DySinkCache`` passes its static sinks and the two
-   halves of its window ring);
-3. optionally, every key of the current chunk (``cur_k``; the cache's own keys).
+   halves of its window ring), unrolled over ``R``;
+2. optionally, every key of the current chunk (``cur_k``; the cache's own keys);
+3. the listed bank slots, one after another, straight out of ``pool_k/pool_v`` (a
+   ``-1`` slot loads nothing). This runtime loop nest comes last: compiled for
+   sm_90 with another wgmma loop after it, ptxas serialised every wgmma of the
+   kernel (warning C7515, each HGMMA followed by its own wait).
 
-Memory traffic: Q once, each attended K/V tile once per query tile, O once (plus
-``lse``/``entropy`` rows and a ``(n,)`` partial slot mass per query tile with
-statistics). FLOPs: ``4 * Sq * N_keys * D`` per (batch, head).
+Inside a segment the full ``BLOCK_N``-key tiles run a body without any mask (the
+softmax scale folds into the exponent: ``m = max(m, rowmax(s) c)``, ``p = 2^(s c -
+m)``); only the last, partial tile masks its scores and zeroes its values, so rows
+past a segment (another slot, unused buffer rows, NaN included) never reach the
+product. On sm_90 K/V (and Q) come through 4-D tensor descriptors (bulk tensor
+copies on mbarriers; rows outside a slot or a sample read as zeros); elsewhere,
+and in the interpreter by default, through pointer loads (cp.async when
+pipelined). Triton 3.6's interpreter runs tensor descriptors too: the tests run
+both paths.
 
-Statistics, switched by the ``STATS`` constexpr so that the plain path carries
-nothing extra, in base-2 units (``y = score * log2(e)``) against the running max
-``m``:
+Memory traffic: Q once (again per re-positioned or fp8 slot), each attended K/V
+tile once per query tile, O once (plus ``lse``/``entropy`` rows and a ``(n,)``
+partial slot mass per query tile with statistics). FLOPs: ``4 * Sq * N_keys * D``
+per (batch, head).
 
-* ``l = sum 2^(y - m)`` (the normaliser) and ``e = sum 2^(y - m) (y - m)``, both
-  rescaled when ``m`` grows: ``e <- a (e + l (m_old - m_new))``, ``l <- a l`` with
-  ``a = 2^(m_old - m_new)``. Then ``lse = ln2 (m + log2 l)`` and the entropy in
-  nats is ``ln l - ln2 e / l``.
-* per slot, ``l_seg`` accumulates the slot's own terms with the same rescaling;
-  at the slot's end ``m + log2(l_seg)`` is its log2-mass for each query row, kept
-  in a ``(BLOCK_M, N_SLOTS)`` register tile. After the last key the masses become
-  probabilities with the final ``lse``, are summed over the tile's valid rows and
-  written per query tile; a tiny deterministic reduction over tiles follows (no
-  float atomics).
+Statistics (``STATS``; nothing of it in the plain loop), base-2 units ``y = s c``:
+
+* ``l = sum 2^(y - m)`` and ``u = sum 2^(y - m) y`` (raw scores: one FFMA per
+  element, the row's ``c`` applied to the row sum), both rescaled by ``2^(m_old -
+  m_new)``. ``lse = ln2 (m + log2 l)``; the entropy in nats is ``ln2 (m + log2 l -
+  u / l)``.
+* per slot, its share of ``l`` is ``l_end - l_start 2^(m_start - m_end)``, taken once
+  at the slot's end (nothing per tile) and kept as a log2-mass in a ``(BLOCK_M,
+  N_SLOTS)`` tile; after the last key the masses become probabilities with the
+  final ``lse``, are summed over the tile's rows and written per query tile; a tiny
+  deterministic reduction over tiles follows (no float atomics).
+
+Re-positioned slots (``ROTATE``): ``q . R(a) k == R(-a) q . k``, so each slot turns
+the queries' temporal channel pairs once (per slot and query tile) and its key
+loop is the plain one.
+
+fp8 bank (``QUANT``): e4m3 bytes are converted to fp16 exactly (sm_89+: the
+hardware conversion; sm_80 and the interpreter: integer ops giving ``value *
+2^-8``) and the slot products run in fp16 (fp32 for fp32 queries; bf16 queries
+enter as ``q * 2^-8``, so no overflow). The per-(slot, head) key scale folds into
+the slot's score scale ``c``; the value scale is applied to the accumulator,
+divided by it at the slot's start and multiplied back at its end (once per slot),
+so ``p`` stays in ``[0, 1]``.
+
+Compiled loop (Triton 3.6, sm_90, BLOCK_M 128, BLOCK_N 64, D 128, bf16, 8 warps,
+3 stages; SASS instructions per 64 keys in each steady-state key loop; a plain
+Triton flash-attention forward over one contiguous KV: 339): plain 331-337, with
+statistics 377-379, re-positioned slots 375-381, fp8 slot loop 405 (2 stages).
+Triton 3.9: 355-365, 413-423, 397-423, 441. No configuration spills on either.
+
+Warp specialisation, tried: ``tl.range(..., warp_specialize=True)`` on every key
+loop compiles for sm_90 on Triton 3.6 and 3.9 but changes nothing: no
+``ttg.warp_specialize`` region in the TTGIR, no ``setmaxnreg`` in the PTX, the
+same registers (203 plain, 255 with statistics) and instruction counts; the same
+holds for the plain flash-attention forward above. Triton's automatic
+partitioning does not apply to Hopper wgmma loops in these versions; producer /
+consumer warpgroups (FA3's lead) would need a Gluon kernel, not written.
 """
 
 from __future__ import annotations
