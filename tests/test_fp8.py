@@ -68,6 +68,51 @@ def test_triton_fp8_equals_naive(rotate):
         torch.testing.assert_close(x, y, atol=4e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not triton_available(torch.device("cpu")) and not torch.cuda.is_available(),
+                    reason="needs the Triton interpreter or a GPU")  # fmt: skip
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_fp8_full_tiles_tails_and_unlisted_slots(tma, dtype):
+    """fp8 slots over full tiles and a tail (16-key tiles, 37 keys per slot), pool
+    rows of unlisted slots holding e4m3 NaN bytes, both load paths, fp32 and fp16
+    queries (fp16 products in the slot loop), scales from 1e-3 to 1e2."""
+    from dysink_kernels.ops.gathered_sink_attention import naive
+    from dysink_kernels.ops.gathered_sink_attention import triton as tmod
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(5)
+    B, Sq, H, D, P, S_e, N = 2, 21, 2, 32, 5, 37, 30
+    r = lambda *s: torch.randn(*s, generator=g)
+    mag = torch.tensor([1e-3, 1.0, 10.0, 100.0, 1.0])[:, None, None, None]
+    qk, sk = quantize(r(P, S_e, H, D) * mag, (1, 3))
+    qv, sv = quantize(r(P, S_e, H, D) * mag.flip(0), (1, 3))
+    for t in (qk, qv):
+        t.view(torch.uint8)[3] = 0x7F  # e4m3 NaN: slot 3 is never listed
+    sk, sv = sk[:, 0, :, 0].to(dev), sv[:, 0, :, 0].to(dev)
+    slots = torch.tensor([[0, -1, 4], [2, 2, 1]], dtype=torch.int32, device=dev)
+    ranges = torch.tensor([[[0, 17]], [[3, 30]]], dtype=torch.int32, device=dev)
+    q, lk, lv = (r(*s).to(dtype).to(dev) for s in ((B, Sq, H, D), (B, N, H, D), (B, N, H, D)))
+    qk, qv = qk.to(dev), qv.to(dev)
+    cfg = tmod.KernelConfig(32, 16, 4, 1, tma=tma)
+    got = tmod.gathered_attention_triton(q, qk, qv, slots, lk, lv, ranges, None, None, 0.2, True,
+                                         pool_k_scale=sk, pool_v_scale=sv, config=cfg)  # fmt: skip
+    clean = [t.view(torch.uint8).clone() for t in (qk, qv)]
+    for t in clean:
+        t[3] = 0
+    ck, cv = (t.view(FP8_DTYPE) for t in clean)
+    # The oracle in fp32 (in fp16 it rounds the scaled keys to fp16: scores of several
+    # hundred would move by ~0.1). The kernel folds each slot's scale into the score
+    # scale: fp32 rounding of such scores differs by ~1e-5.
+    want = naive.gathered_attention_naive(q.float(), ck, cv, slots, lk.float(), lv.float(), ranges,
+                                          None, None, 0.2, True, pool_k_scale=sk,
+                                          pool_v_scale=sv)  # fmt: skip
+    tol = 1e-4 if dtype == torch.float32 else 4e-3
+    assert not torch.isnan(got[0]).any()
+    torch.testing.assert_close(got[0].float(), want[0].float(), atol=tol, rtol=tol)
+    for x, y in zip(got[1], want[1]):
+        torch.testing.assert_close(x, y, atol=4 * tol, rtol=tol)
+
+
 @pytest.mark.parametrize("offload", [False, True])
 def test_cache_with_fp8_bank_tracks_the_plain_bank(offload):
     """Same stream, same decisions (retrieval reads features, the gate true mean keys),

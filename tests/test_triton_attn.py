@@ -146,3 +146,115 @@ def test_head_dim_not_multiple_of_16_is_refused():
     args = make(1, 3, 4, 2, 3, 1, 24, 1, torch.float32)
     with pytest.raises(ValueError, match="multiple of 16"):
         gathered_sink_attention(*args[:6], k_len=args[6], backend="triton")
+
+
+# ----------------------------------------------------------------------------- general form
+def _poisoned_inputs(dtype, seed=11, D=32):
+    """General-form inputs whose every row outside the attended set is NaN: pool rows
+    of unlisted slots and local-buffer rows outside the ranges. Returns the poisoned
+    inputs and clean copies (NaN -> 0) for the oracle, whose masked product would
+    turn 0 * NaN into NaN."""
+    from dysink_kernels.ops.gathered_sink_attention.naive import ranges_to_mask
+
+    g = torch.Generator().manual_seed(seed)
+    B, Sq, H, N, Sc, P, S_e = 2, 37, 3, 75, 23, 6, 37
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype).to(DEVICE)
+    q, lk, lv, ck, cv = r(B, Sq, H, D), r(B, N, H, D), r(B, N, H, D), r(B, Sc, H, D), r(B, Sc, H, D)
+    pk, pv = r(P, S_e, H, D), r(P, S_e, H, D)
+    slots = torch.tensor([[0, -1, 4], [2, 2, 5]], dtype=torch.int32, device=DEVICE)
+    # odd lengths, an empty range, a range of one key, full tiles and tails
+    ranges = torch.tensor(
+        [[[0, 33], [40, 75], [5, 5]], [[10, 12], [17, 50], [74, 75]]], dtype=torch.int32
+    ).to(DEVICE)
+    used = torch.zeros(P, dtype=torch.bool)
+    used[slots.clamp(min=0).flatten().cpu()] = True
+    used[0] = True  # slot 0 is listed by sample 0
+    for t in (pk, pv):
+        t[~used.to(DEVICE)] = float("nan")
+    local_used = ranges_to_mask(ranges, N)
+    for t in (lk, lv):
+        t[~local_used] = float("nan")
+    clean = [t.nan_to_num() for t in (pk, pv, lk, lv)]
+    return (q, pk, pv, slots, lk, lv, ranges, ck, cv), (
+        q,
+        *clean[:2],
+        slots,
+        *clean[2:],
+        ranges,
+        ck,
+        cv,
+    )
+
+
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nan_filled_unused_rows_and_both_load_paths(tma, dtype):
+    """Full tiles run unmasked, the last tile of each segment masked: no tile may read
+    another slot's rows or let NaN from unused rows into the product, through pointer
+    loads or tensor descriptors (the interpreter runs both)."""
+    from dysink_kernels.ops.gathered_sink_attention import naive
+    from dysink_kernels.ops.gathered_sink_attention import triton as tmod
+
+    poisoned, clean = _poisoned_inputs(dtype)
+    cfg = tmod.KernelConfig(32, 16, 4, 1, tma=tma)
+    out, st = tmod.gathered_attention_triton(*poisoned, 0.3, True, config=cfg)
+    want, ws = naive.gathered_attention_naive(*clean, 0.3, True)
+    tol = TOL[dtype]
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out.float(), want.float(), atol=tol, rtol=tol)
+    for name in ("lse", "entropy", "slot_mass"):
+        a, b = getattr(st, name), getattr(ws, name)
+        assert not torch.isnan(a).any(), name
+        torch.testing.assert_close(a, b, atol=4 * tol, rtol=tol, msg=name)
+    plain, none = tmod.gathered_attention_triton(*poisoned, 0.3, False, config=cfg)
+    assert none is None
+    torch.testing.assert_close(plain, out, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("tma", [False, True])
+def test_repositioned_slots_turn_the_queries(tma):
+    """Turning each slot's queries by -angle equals turning its keys by +angle."""
+    from dysink_kernels.ops.gathered_sink_attention import naive
+    from dysink_kernels.ops.gathered_sink_attention import triton as tmod
+
+    poisoned, clean = _poisoned_inputs(torch.float32, seed=4, D=48)
+    delta = torch.tensor([[3.0, -2.0, 11.0], [0.5, -7.0, 1.0]], device=DEVICE)
+    cfg = tmod.KernelConfig(32, 16, 4, 1, tma=tma)
+    got = tmod.gathered_attention_triton(*poisoned, 0.25, True, delta, config=cfg)
+    want = naive.gathered_attention_naive(*clean, 0.25, True, delta)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    for x, y in zip(got[1], want[1]):
+        torch.testing.assert_close(x, y, atol=4e-5, rtol=1e-5)
+
+
+def test_interpreter_config_uses_pointer_loads_and_sm90_descriptors():
+    from dysink_kernels.ops.gathered_sink_attention import triton as tmod
+
+    assert not tmod.pick_config(torch.device("cpu"), 128).tma
+    assert tmod.pick_config(torch.device("cuda"), 128, arch=9).tma
+    assert not tmod.pick_config(torch.device("cuda"), 128, arch=8).tma
+    for arch in (8, 9):
+        for kw in ({}, {"stats": True}, {"rotate": True}, {"quant": True}):
+            cfg = tmod.pick_config(torch.device("cuda"), 128, arch=arch, **kw)
+            assert cfg.block_m >= 64 and cfg.block_n >= 16
+
+
+def test_row_offsets_beyond_int32_are_refused():
+    """A pool whose one (slot, head) spans 2^31 elements or more: the launcher refuses it
+    (shapes and strides only: meta tensors, nothing is allocated)."""
+    from dysink_kernels.ops.gathered_sink_attention import triton as tmod
+
+    meta = torch.device("meta")
+    H, D = 16, 128
+    q = torch.empty(1, 8, H, D, device=meta)
+    pool = torch.empty(2, 2**20 + 1, H, D, device=meta)  # (2^20) * H * D = 2^31
+    local = torch.empty(1, 8, H, D, device=meta)
+    slots = torch.zeros(1, 1, dtype=torch.int32, device=meta)
+    ranges = torch.zeros(1, 1, 2, dtype=torch.int32, device=meta)
+    with pytest.raises(ValueError, match="2\\^31"):
+        tmod.gathered_attention_triton(
+            q, pool, pool, slots, local, local, ranges, None, None, 0.1, False
+        )
+    # an expanded view: stride 0 along the rows spans nothing
+    small = torch.empty(2, 1, H, D, device=meta).expand(2, 2**21, H, D)
+    tmod._check_offsets(pool_k=small)

@@ -174,35 +174,25 @@ def aot_specs(arch: int) -> list[KernelSpec]:
 
 
 # ----------------------------------------------------------------------------- AOT report
-_CONSTEXPRS = ("D", "N_RANGES", "HAS_CUR", "STATS", "ROTATE", "QUANT", "N_SLOTS", "N_SEGS",
-               "ALIGN", "BLOCK_M", "BLOCK_N", "BLOCK_D", "PRECISION")  # fmt: skip
-_TENSORS = ("Q", "PK", "PV", "LK", "LV", "CK", "CV", "OUT")
+_CONSTEXPRS = ("D", "N_RANGES", "HAS_CUR", "STATS", "ROTATE", "QUANT", "N_SLOTS", "BLOCK_M",
+               "BLOCK_N", "BLOCK_D", "PRECISION", "USE_TMA", "FP8_NATIVE")  # fmt: skip
+_KV = ("PK", "PV", "LK", "LV", "CK", "CV")
 
 
 def gathered_attention_specs(arch: int, head_dim: int = 128, dtype: str = "bf16") -> list:
     """Production configurations for the kernel report: the module's call (3 local
-    ranges + current keys) and the public op's (1 range), with and without stats."""
-    cfg = att.pick_config(torch.device("cuda"), head_dim, arch=arch // 10)
-    sig = {}
-    for name in att._gathered_attn_fwd.arg_names:
-        if name in _TENSORS:
-            sig[name] = f"*{dtype}"
-        elif name in ("SLOT", "RANGES"):
-            sig[name] = "*i32"
-        elif name in ("LSE", "ENT", "MASS", "ROT_COS", "ROT_SIN", "K_SCALE", "V_SCALE"):
-            sig[name] = "*fp32"
-        elif name in _CONSTEXPRS:
-            sig[name] = "constexpr"
-        else:
-            sig[name] = "fp32" if name == "qk_scale" else "i32"
+    ranges + current keys) and the public op's (1 range), with and without stats,
+    re-positioned slots and an fp8 bank. On sm_90 K/V are tensor descriptors."""
+    names = att._gathered_attn_fwd.arg_names
+    tma = arch >= 90
     # Pointers are 16-byte aligned and strides of (tokens, heads, dim) tensors with
     # H * D a multiple of 16 are multiples of 16, as Triton specialises at run time.
+    small = ("stride_sn", "stride_rr", "stride_sb", "stride_rb", "stride_rotb", "stride_rotn",
+             "stride_scp")  # fmt: skip
     divisible = tuple(
-        n
-        for n in att._gathered_attn_fwd.arg_names
-        if n in _TENSORS or n in ("LSE", "ENT", "MASS") or
-        (n.startswith("stride") and n not in ("stride_sn", "stride_rr", "stride_sb", "stride_rb",
-                                              "stride_rotb", "stride_rotn", "stride_scp"))
+        n for n in names
+        if n in ("Q", "OUT", "LSE", "ENT", "MASS") or (not tma and n in ("QD", *_KV))
+        or (n.startswith("stride") and n not in small)
     )  # fmt: skip
     specs = []
     variants = [
@@ -212,18 +202,40 @@ def gathered_attention_specs(arch: int, head_dim: int = 128, dtype: str = "bf16"
         ("module+stats+fp8", 3, True, True, False, True),
     ]  # fmt: skip
     for label, n_ranges, has_cur, stats, rotate, quant in variants:
-        variant_sig = dict(sig, PK="*u8", PV="*u8") if quant else sig
+        cfg = att.pick_config(
+            torch.device("cuda"), head_dim, arch=arch // 10, stats=stats, rotate=rotate, quant=quant
+        )
+        sig = {}
+        for name in names:
+            kv_type = "u8" if quant and name in ("PK", "PV") else dtype
+            if name in _KV:
+                sig[name] = (
+                    f"tensordesc<{kv_type}[1,{cfg.block_n},1,{head_dim}]>" if cfg.tma
+                    else f"*{kv_type}"
+                )  # fmt: skip
+            elif name == "QD":
+                sig[name] = (f"tensordesc<{dtype}[1,{cfg.block_m},1,{head_dim}]>" if cfg.tma
+                             else f"*{dtype}")  # fmt: skip
+            elif name in ("Q", "OUT"):
+                sig[name] = f"*{dtype}"
+            elif name in ("SLOT", "RANGES"):
+                sig[name] = "*i32"
+            elif name in ("LSE", "ENT", "MASS", "ROT_COS", "ROT_SIN", "K_SCALE", "V_SCALE"):
+                sig[name] = "*fp32"
+            elif name in _CONSTEXPRS:
+                sig[name] = "constexpr"
+            else:
+                sig[name] = "fp32" if name == "qk_scale" else "i32"
         const = dict(
             D=head_dim, N_RANGES=n_ranges, HAS_CUR=has_cur, STATS=stats, ROTATE=rotate,
-            QUANT=quant, N_SLOTS=2,
-            N_SEGS=att._n_segs(2, n_ranges), ALIGN=att._ALIGN_ELEMS,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_dim, PRECISION="tf32",
+            QUANT=quant, N_SLOTS=2, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_D=head_dim, PRECISION="tf32", USE_TMA=cfg.tma, FP8_NATIVE=quant and arch >= 89,
         )  # fmt: skip
         specs.append(
             KernelSpec(
                 name=f"gathered_attn[{label}]",
                 fn=att._gathered_attn_fwd,
-                signature=variant_sig,
+                signature=sig,
                 constexprs=const,
                 num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages,

@@ -1,33 +1,69 @@
-"""Fused Triton gathered-sink attention: one pass over [slots] + [local ranges] + [current keys].
+"""Fused Triton gathered-sink attention: one pass over [local ranges] + [current keys] + [slots].
 
-Each program owns ``BLOCK_M`` queries of one (batch, head). It walks, with one
-online softmax in fp32:
+Each program owns ``BLOCK_M`` queries of one (batch, head) and folds, with one
+online softmax in fp32, three kinds of segments, each with a loop of its own:
 
-1. the listed bank slots, by index, straight out of ``pool_k/pool_v`` (a ``-1``
-   slot is skipped without loading anything);
-2. up to ``R`` half-open token ranges of the local buffer (the public op passes
+1. up to ``R`` half-open token ranges of the local buffer (the public op passes
    one range ``[0, k_len)``; ``DySinkCache`` passes its static sinks and the two
-   halves of its window ring);
-3. optionally, every key of the current chunk (``cur_k``; the cache's own keys).
+   halves of its window ring), unrolled over ``R``;
+2. optionally, every key of the current chunk (``cur_k``; the cache's own keys);
+3. the listed bank slots, one after another, straight out of ``pool_k/pool_v`` (a
+   ``-1`` slot loads nothing). This runtime loop nest comes last: compiled for
+   sm_90 with another wgmma loop after it, ptxas serialised every wgmma of the
+   kernel (warning C7515, each HGMMA followed by its own wait).
 
-Memory traffic: Q once, each attended K/V tile once per query tile, O once (plus
-``lse``/``entropy`` rows and a ``(n,)`` partial slot mass per query tile with
-statistics). FLOPs: ``4 * Sq * N_keys * D`` per (batch, head).
+Inside a segment the full ``BLOCK_N``-key tiles run a body without any mask (the
+softmax scale folds into the exponent: ``m = max(m, rowmax(s) c)``, ``p = 2^(s c -
+m)``); only the last, partial tile masks its scores and zeroes its values, so rows
+past a segment (another slot, unused buffer rows, NaN included) never reach the
+product. On sm_90 K/V (and Q) come through 4-D tensor descriptors (bulk tensor
+copies on mbarriers; rows outside a slot or a sample read as zeros); elsewhere,
+and in the interpreter by default, through pointer loads (cp.async when
+pipelined). Triton 3.6's interpreter runs tensor descriptors too: the tests run
+both paths.
 
-Statistics, switched by the ``STATS`` constexpr so that the plain path carries
-nothing extra, in base-2 units (``y = score * log2(e)``) against the running max
-``m``:
+Memory traffic: Q once (again per re-positioned or fp8 slot), each attended K/V
+tile once per query tile, O once (plus ``lse``/``entropy`` rows and a ``(n,)``
+partial slot mass per query tile with statistics). FLOPs: ``4 * Sq * N_keys * D``
+per (batch, head).
 
-* ``l = sum 2^(y - m)`` (the normaliser) and ``e = sum 2^(y - m) (y - m)``, both
-  rescaled when ``m`` grows: ``e <- a (e + l (m_old - m_new))``, ``l <- a l`` with
-  ``a = 2^(m_old - m_new)``. Then ``lse = ln2 (m + log2 l)`` and the entropy in
-  nats is ``ln l - ln2 e / l``.
-* per slot, ``l_seg`` accumulates the slot's own terms with the same rescaling;
-  at the slot's end ``m + log2(l_seg)`` is its log2-mass for each query row, kept
-  in a ``(BLOCK_M, N_SLOTS)`` register tile. After the last key the masses become
-  probabilities with the final ``lse``, are summed over the tile's valid rows and
-  written per query tile; a tiny deterministic reduction over tiles follows (no
-  float atomics).
+Statistics (``STATS``; nothing of it in the plain loop), base-2 units ``y = s c``:
+
+* ``l = sum 2^(y - m)`` and ``u = sum 2^(y - m) y`` (raw scores: one FFMA per
+  element, the row's ``c`` applied to the row sum), both rescaled by ``2^(m_old -
+  m_new)``. ``lse = ln2 (m + log2 l)``; the entropy in nats is ``ln2 (m + log2 l -
+  u / l)``.
+* per slot, its share of ``l`` is ``l_end - l_start 2^(m_start - m_end)``, taken once
+  at the slot's end (nothing per tile) and kept as a log2-mass in a ``(BLOCK_M,
+  N_SLOTS)`` tile; after the last key the masses become probabilities with the
+  final ``lse``, are summed over the tile's rows and written per query tile; a tiny
+  deterministic reduction over tiles follows (no float atomics).
+
+Re-positioned slots (``ROTATE``): ``q . R(a) k == R(-a) q . k``, so each slot turns
+the queries' temporal channel pairs once (per slot and query tile) and its key
+loop is the plain one.
+
+fp8 bank (``QUANT``): e4m3 bytes are converted to fp16 exactly (sm_89+: the
+hardware conversion; sm_80 and the interpreter: integer ops giving ``value *
+2^-8``) and the slot products run in fp16 (fp32 for fp32 queries; bf16 queries
+enter as ``q * 2^-8``, so no overflow). The per-(slot, head) key scale folds into
+the slot's score scale ``c``; the value scale is applied to the accumulator,
+divided by it at the slot's start and multiplied back at its end (once per slot),
+so ``p`` stays in ``[0, 1]``.
+
+Compiled loop (Triton 3.6, sm_90, BLOCK_M 128, BLOCK_N 64, D 128, bf16, 8 warps,
+3 stages; SASS instructions per 64 keys in each steady-state key loop; a plain
+Triton flash-attention forward over one contiguous KV: 339): plain 331-337, with
+statistics 377-379, re-positioned slots 375-381, fp8 slot loop 405 (2 stages).
+Triton 3.9: 355-365, 413-423, 397-423, 441. No configuration spills on either.
+
+Warp specialisation, tried: ``tl.range(..., warp_specialize=True)`` on every key
+loop compiles for sm_90 on Triton 3.6 and 3.9 but changes nothing: no
+``ttg.warp_specialize`` region in the TTGIR, no ``setmaxnreg`` in the PTX, the
+same registers (203 plain, 255 with statistics) and instruction counts; the same
+holds for the plain flash-attention forward above. Triton's automatic
+partitioning does not apply to Hopper wgmma loops in these versions; producer /
+consumer warpgroups (FA3's lead) would need a Gluon kernel, not written.
 """
 
 from __future__ import annotations
@@ -43,63 +79,109 @@ from .common import SinkAttnStats
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
-NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity": 0 * (m_old - m_new) stays 0
+NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity": exp2(NEG_BIG - m) is 0, never NaN
+FP8_DECODE = tl.constexpr(256.0)  # _e4m3_to_f16 without NATIVE yields value * 2^-8
+Q_F16_SCALE = tl.constexpr(256.0)  # bf16 queries enter fp16 slot products as q * 2^-8
 
 __all__ = ["KernelConfig", "flops", "gathered_attention_triton", "pick_config"]
 
 
 # ----------------------------------------------------------------------------- kernel
 @triton.jit
-def _fold_tile(
-    b_q, b_k, b_v, m_n, slot_hit, acc, m_i, l_i, e_i, l_slot, qk_scale,
-    STATS: tl.constexpr, PRECISION: tl.constexpr,
+def _fold(
+    b_q, b_k, b_v, acc, m_i, l_i, u_i, c, n_valid,
+    MASKED: tl.constexpr, STATS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Fold one tile of keys (``m_n`` marks the valid ones) into the online softmax."""
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
-    b_s = tl.where(m_n[None, :], b_s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(b_s, 1))
+    """Fold one key tile into the online softmax (base-2 units ``y = score * c``).
+
+    Full tiles (``MASKED`` false) carry no mask at all: the scale folds into the
+    exponent's FFMA. The last, partial tile of a segment masks its keys past
+    ``n_valid`` out of the scores and zeroes their values (rows past a segment may
+    hold anything, NaN included)."""
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
+    if MASKED:
+        keep = tl.arange(0, BLOCK_N) < n_valid
+        b_sm = tl.where(keep[None, :], b_s, float("-inf"))
+        b_v = tl.where(keep[:, None], b_v, tl.zeros_like(b_v))
+    else:
+        b_sm = b_s
+    m_new = tl.maximum(m_i, tl.max(b_sm, 1) * c)
+    b_p = tl.math.exp2(b_sm * c - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
-    b_p = tl.math.exp2(b_s - m_new[:, None])
-    p_sum = tl.sum(b_p, 1)
-    if STATS:
-        centred = tl.where(m_n[None, :], b_s - m_new[:, None], 0.0)
-        e_i = alpha * (e_i + l_i * (m_i - m_new)) + tl.sum(b_p * centred, 1)
-        l_slot = l_slot * alpha[:, None] + tl.where(slot_hit, p_sum[:, None], 0.0)
-    l_i = l_i * alpha + p_sum
-    acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
-    return acc, m_new, l_i, e_i, l_slot
+    l_i = l_i * alpha + tl.sum(b_p, 1)
+    if STATS:  # raw-score moment: one FFMA per element, its scale applied per row
+        if MASKED:
+            b_su = tl.where(keep[None, :], b_s, 0.0)
+        else:
+            b_su = b_s
+        u_i = u_i * alpha + tl.sum(b_p * b_su, 1) * c
+    acc = acc * alpha[:, None]
+    acc = tl.dot(b_p.to(b_v.dtype), b_v, acc, input_precision=PRECISION)
+    return acc, m_new, l_i, u_i
 
 
 @triton.jit
-def _e4m3_to_f32(b):
-    """fp8 e4m3 bytes -> fp32 with integer ops only: normal numbers get their exponent
-    re-biased (7 -> 127) and mantissa moved into place; subnormals are ``m * 2^-9``."""
-    x = b.to(tl.int32)
-    sign = (x & 0x80) << 24
-    e = (x >> 3) & 0xF
-    m = x & 0x7
-    normal = (sign | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
-    sub = m.to(tl.float32) * 0.001953125
-    return tl.where(e == 0, tl.where(sign != 0, -sub, sub), normal)
+def _kv_tile(
+    src, i_x, row, i_h, off, stride_n, n_valid,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_TMA: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """A ``(BLOCK_N, BLOCK_D)`` tile of keys or values starting at ``row``.
+
+    ``USE_TMA``: ``src`` is a 4-D tensor descriptor over ``(X, rows, H, D)`` and the
+    tile is one bulk tensor copy at ``[i_x, row, i_h, 0]``; rows outside ``X``'s own
+    extent (another slot, another sample) come back as zeros. Otherwise ``src`` is
+    a pointer, ``off`` the int64 offset of this segment's origin, and a partial
+    tile is loaded under a mask (no address outside the segment is formed)."""
+    if USE_TMA:
+        b = src.load([i_x, row, i_h, 0])
+        return tl.reshape(b, (BLOCK_N, BLOCK_D))
+    else:
+        o_n = tl.arange(0, BLOCK_N)
+        o_d = tl.arange(0, BLOCK_D)
+        p = src + off + (row + o_n)[:, None] * stride_n + o_d[None, :]
+        if MASKED:
+            return tl.load(p, mask=(o_n < n_valid)[:, None] & (o_d < D)[None, :], other=0.0)
+        elif BLOCK_D != D:
+            return tl.load(p, mask=(o_d < D)[None, :], other=0.0)
+        else:
+            return tl.load(p)
 
 
 @triton.jit
-def _rotate_pairs(b_x, cos, sin, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Multiply each adjacent channel pair ``(2j, 2j+1)`` of ``b_x`` by ``cos_j + i sin_j``.
+def _e4m3_to_f16(b, NATIVE: tl.constexpr):
+    """fp8 e4m3 bytes -> fp16, exactly (e4m3 is a subset of fp16).
 
-    cos/sin come from a host-built table (fp64 angles): no trigonometry in the loop,
-    whose large-argument reduction would need a local-memory array."""
-    x = tl.reshape(b_x.to(tl.float32), (BLOCK_N, BLOCK_D // 2, 2))
-    x_re, x_im = tl.split(x)
+    ``NATIVE`` (sm_89+): the hardware conversion, two bytes per instruction, giving
+    the value itself. Otherwise integer ops: the byte's exponent and mantissa bits
+    move into fp16's fields, whose bias is 8 larger, giving ``value * 2^-8``
+    (subnormals included); the caller folds the ``2^8`` into the slot's scales."""
+    if NATIVE:
+        return b.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    else:
+        x = b.to(tl.uint16)
+        return (((x & 0x80) << 8) | ((x & 0x7F) << 7)).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _turn_q(b_q, cos, sin, OUT_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``b_q`` with each channel pair ``(2j, 2j+1)`` turned by ``-angle_j`` (and scaled
+    by ``|cos + i sin|``), as ``OUT_T``.
+
+    ``q . R(a) k == R(-a) q . k``: turning the queries once per slot replaces turning
+    every key of the slot in every query tile."""
+    x_re, x_im = tl.split(tl.reshape(b_q, (BLOCK_M, BLOCK_D // 2, 2)))
+    x_re = x_re.to(tl.float32)
+    x_im = x_im.to(tl.float32)
     cs = cos[None, :]
     sn = sin[None, :]
-    y = tl.join(x_re * cs - x_im * sn, x_re * sn + x_im * cs)
-    return tl.reshape(y, (BLOCK_N, BLOCK_D)).to(b_x.dtype)
+    y = tl.join((x_re * cs + x_im * sn).to(OUT_T), (x_im * cs - x_re * sn).to(OUT_T))
+    return tl.reshape(y, (BLOCK_M, BLOCK_D))
 
 
 @triton.jit
 def _gathered_attn_fwd(
-    Q, PK, PV, SLOT, LK, LV, RANGES, CK, CV, ROT_COS, ROT_SIN, K_SCALE, V_SCALE,
+    Q, QD, PK, PV, SLOT, LK, LV, RANGES, CK, CV, ROT_COS, ROT_SIN, K_SCALE, V_SCALE,
     OUT, LSE, ENT, MASS,
     n_slots, Sq, S_e, Sc, H, qk_scale,
     stride_qb, stride_qm, stride_qh,
@@ -119,172 +201,203 @@ def _gathered_attn_fwd(
     ROTATE: tl.constexpr,
     QUANT: tl.constexpr,
     N_SLOTS: tl.constexpr,
-    N_SEGS: tl.constexpr,
-    ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    FP8_NATIVE: tl.constexpr,
 ):  # fmt: skip
     """One program: ``BLOCK_M`` queries of one (batch, head) against all its segments.
 
-    The segments (slots, local ranges, current keys) are described by a small
-    table in registers (``N_SEGS`` lanes: kind, first row, length, first tile), and
-    one flat loop walks their tiles, so the whole pass is a single software
-    pipeline whatever the number of segments. With an fp8 bank (``QUANT``) the slots
-    are walked by a loop of their own that decodes and scales them while loading
-    (their bytes cannot share the flat loop's pointer type).
+    One loop per segment kind (slots, local ranges, current keys), each walking its
+    full tiles with an unmasked body and its last, partial tile (if any) with a
+    masked one; see the module docstring for the statistics and the fp8 bank.
     """
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H
     i_h = i_bh % H
     i_b64 = i_b.to(tl.int64)
+    i_h64 = i_h.to(tl.int64)
 
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     m_m = o_m < Sq
     m_d = o_d < D
 
-    # Segment table: lanes [0, n_slots) are bank slots, then N_RANGES local ranges,
-    # then the current keys. A skipped slot or an empty range has length 0.
-    if QUANT:
-        n_tab = 0  # the slots have their own loop
+    p_q0 = Q + i_b64 * stride_qb + i_h64 * stride_qh + o_m[:, None] * stride_qm
+    p_q = p_q0 + o_d[None, :]
+    if USE_TMA:  # straight into shared memory, where both products read it
+        b_q = tl.reshape(QD.load([i_b, i_m * BLOCK_M, i_h, 0]), (BLOCK_M, BLOCK_D))
     else:
-        n_tab = n_slots
-    o_g = tl.arange(0, N_SEGS)
-    is_slot = o_g < n_tab
-    is_range = (o_g >= n_tab) & (o_g < n_tab + N_RANGES)
-    slot = tl.load(SLOT + i_b64 * stride_sb + o_g * stride_sn, mask=is_slot, other=-1)
-    p_rng = RANGES + i_b64 * stride_rb + (o_g - n_tab) * stride_rr
-    lo = tl.load(p_rng, mask=is_range, other=0)
-    hi = tl.load(p_rng + 1, mask=is_range, other=0)
-    g_len = tl.where(is_slot & (slot >= 0), S_e, 0)
-    g_len = tl.where(is_range, tl.maximum(hi - lo, 0), g_len)
-    if HAS_CUR:
-        g_len = tl.where(o_g == n_tab + N_RANGES, Sc, g_len)
-    g_row = tl.where(is_range, lo, 0)
-    if ROTATE:  # per-slot re-positioning: cos/sin of each channel pair's turn
-        o_p = tl.arange(0, BLOCK_D // 2)
-    g_tiles = tl.cdiv(g_len, BLOCK_N)
-    g_first = tl.cumsum(g_tiles, 0) - g_tiles
-    n_tiles = tl.sum(g_tiles, 0)
-    # Offsets of each segment's (batch or slot, head) origin, in units of ALIGN
-    # elements (int32: pools up to 2^31 * ALIGN elements). The loop multiplies them
-    # back by the constant ALIGN, which tells the compiler that tile addresses stay
-    # 16-byte aligned; otherwise it cannot issue asynchronous copies and the loop is
-    # not software-pipelined. V uses K's offsets (the launcher checks the layouts).
-    g_off = (
-        tl.where(
-            is_slot,
-            tl.maximum(slot, 0).to(tl.int64) * stride_pp + i_h * stride_ph,
-            tl.where(
-                is_range, i_b64 * stride_lb + i_h * stride_lh, i_b64 * stride_cb + i_h * stride_ch
-            ),
-        )
-        // ALIGN
-    )
-    g_off = g_off.to(tl.int32)
-
-    p_q = Q + i_b64 * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qm + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
+        b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    e_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    u_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     o_s = tl.arange(0, N_SLOTS)
-    l_slot = tl.zeros([BLOCK_M, N_SLOTS], dtype=tl.float32)
+    lm_slot = tl.full([BLOCK_M, N_SLOTS], float("-inf"), dtype=tl.float32)
 
-    if QUANT:  # fp8 slots: decode e4m3 bytes and scale them per (slot, head) on load
-        for j in range(n_slots):
-            q_slot = tl.load(SLOT + i_b64 * stride_sb + j * stride_sn)
-            if q_slot >= 0:
-                slot64 = q_slot.to(tl.int64)
-                k_sc = tl.load(K_SCALE + slot64 * stride_scp + i_h)
-                v_sc = tl.load(V_SCALE + slot64 * stride_scp + i_h)
-                base = slot64 * stride_pp + i_h * stride_ph
+    # ---- 1. local ranges [lo, hi) of the local buffer.
+    off_l = i_b64 * stride_lb + i_h64 * stride_lh
+    for r in tl.static_range(N_RANGES):
+        p_rng = RANGES + i_b64 * stride_rb + r * stride_rr
+        lo = tl.load(p_rng)
+        n_keys = tl.maximum(tl.load(p_rng + 1) - lo, 0)
+        r_full = n_keys // BLOCK_N
+        r_rem = n_keys - r_full * BLOCK_N
+        for t in range(0, r_full):
+            b_k = _kv_tile(LK, i_b, lo + t * BLOCK_N, i_h, off_l, stride_ln, BLOCK_N,
+                           D, BLOCK_N, BLOCK_D, USE_TMA, False)  # fmt: skip
+            b_v = _kv_tile(LV, i_b, lo + t * BLOCK_N, i_h, off_l, stride_ln, BLOCK_N,
+                           D, BLOCK_N, BLOCK_D, USE_TMA, False)  # fmt: skip
+            acc, m_i, l_i, u_i = _fold(b_q, b_k, b_v, acc, m_i, l_i, u_i, qk_scale, BLOCK_N,
+                                       False, STATS, PRECISION, BLOCK_N)  # fmt: skip
+        if r_rem > 0:
+            b_k = _kv_tile(LK, i_b, lo + r_full * BLOCK_N, i_h, off_l, stride_ln, r_rem,
+                           D, BLOCK_N, BLOCK_D, USE_TMA, True)  # fmt: skip
+            b_v = _kv_tile(LV, i_b, lo + r_full * BLOCK_N, i_h, off_l, stride_ln, r_rem,
+                           D, BLOCK_N, BLOCK_D, USE_TMA, True)  # fmt: skip
+            acc, m_i, l_i, u_i = _fold(b_q, b_k, b_v, acc, m_i, l_i, u_i, qk_scale, r_rem,
+                                       True, STATS, PRECISION, BLOCK_N)  # fmt: skip
+
+    # ---- 2. every key of the current chunk.
+    if HAS_CUR:
+        off_c = i_b64 * stride_cb + i_h64 * stride_ch
+        c_full = Sc // BLOCK_N
+        c_rem = Sc - c_full * BLOCK_N
+        for t in range(0, c_full):
+            b_k = _kv_tile(CK, i_b, t * BLOCK_N, i_h, off_c, stride_cn, BLOCK_N,
+                           D, BLOCK_N, BLOCK_D, USE_TMA, False)  # fmt: skip
+            b_v = _kv_tile(CV, i_b, t * BLOCK_N, i_h, off_c, stride_cn, BLOCK_N,
+                           D, BLOCK_N, BLOCK_D, USE_TMA, False)  # fmt: skip
+            acc, m_i, l_i, u_i = _fold(b_q, b_k, b_v, acc, m_i, l_i, u_i, qk_scale, BLOCK_N,
+                                       False, STATS, PRECISION, BLOCK_N)  # fmt: skip
+        if c_rem > 0:
+            b_k = _kv_tile(CK, i_b, c_full * BLOCK_N, i_h, off_c, stride_cn, c_rem,
+                           D, BLOCK_N, BLOCK_D, USE_TMA, True)  # fmt: skip
+            b_v = _kv_tile(CV, i_b, c_full * BLOCK_N, i_h, off_c, stride_cn, c_rem,
+                           D, BLOCK_N, BLOCK_D, USE_TMA, True)  # fmt: skip
+            acc, m_i, l_i, u_i = _fold(b_q, b_k, b_v, acc, m_i, l_i, u_i, qk_scale, c_rem,
+                                       True, STATS, PRECISION, BLOCK_N)  # fmt: skip
+
+    # ---- 3. bank slots, one at a time; a -1 entry loads nothing. (Last: a runtime
+    # loop nest followed by another MMA loop makes ptxas serialise every wgmma.)
+    n_full = S_e // BLOCK_N
+    n_rem = S_e - n_full * BLOCK_N
+    if ROTATE:
+        o_p = tl.arange(0, BLOCK_D // 2)
+    for j in range(n_slots):
+        slot = tl.load(SLOT + i_b64 * stride_sb + j * stride_sn)
+        if slot >= 0:
+            off = slot.to(tl.int64) * stride_pp + i_h64 * stride_ph
+            c = qk_scale
+            if QUANT or ROTATE:  # this slot's own query operand, built once per slot
+                # fp8 slots multiply in fp16 (e4m3 converts exactly; fp32 stays fp32),
+                # bf16 queries entering it as q * 2^-8 (no overflow), the factor
+                # folded back into c.
+                if QUANT and Q.dtype.element_ty != tl.float32:
+                    q_dt: tl.constexpr = tl.float16
+                else:
+                    q_dt: tl.constexpr = Q.dtype.element_ty
+                if QUANT and Q.dtype.element_ty == tl.bfloat16:
+                    q_mul = 1.0 / Q_F16_SCALE
+                    c = c * Q_F16_SCALE
+                else:
+                    q_mul = 1.0
+                # With TMA, Q is read again here (a load is not hoisted out of the slot
+                # loop, so its fp32 form is not held in registers through the loop).
+                if USE_TMA:
+                    b_q0 = tl.reshape(QD.load([i_b, i_m * BLOCK_M, i_h, 0]), (BLOCK_M, BLOCK_D))
+                else:
+                    b_q0 = b_q
                 if ROTATE:
                     p_rot = i_b64 * stride_rotb + j * stride_rotn + o_p
-                    rot_cos = tl.load(ROT_COS + p_rot)
-                    rot_sin = tl.load(ROT_SIN + p_rot)
-                slot_hit = o_s[None, :] == j
-                for i_n in range(0, S_e, BLOCK_N):
-                    m_n = (i_n + o_n) < S_e
-                    p_kv = base + (i_n + o_n)[:, None] * stride_pn + o_d[None, :]
-                    k8 = tl.load(PK + p_kv, mask=m_n[:, None] & m_d[None, :], other=0)
-                    v8 = tl.load(PV + p_kv, mask=m_n[:, None] & m_d[None, :], other=0)
-                    b_k = (_e4m3_to_f32(k8) * k_sc).to(b_q.dtype)
-                    b_v = (_e4m3_to_f32(v8) * v_sc).to(b_q.dtype)
-                    if ROTATE:
-                        b_k = _rotate_pairs(b_k, rot_cos, rot_sin, BLOCK_N, BLOCK_D)
-                    acc, m_i, l_i, e_i, l_slot = _fold_tile(
-                        b_q, b_k, b_v, m_n, slot_hit, acc, m_i, l_i, e_i, l_slot, qk_scale,
-                        STATS, PRECISION,
-                    )  # fmt: skip
-
-    for t in range(0, n_tiles):
-        seg = tl.sum((g_first <= t).to(tl.int32), 0) - 1
-        sel = o_g == seg
-        kind_slot = seg < n_tab
-        kind_range = (seg >= n_tab) & (seg < n_tab + N_RANGES)
-        tile = t - tl.sum(tl.where(sel, g_first, 0), 0)
-        row = tl.sum(tl.where(sel, g_row, 0), 0) + tile * BLOCK_N
-        valid = tl.sum(tl.where(sel, g_len, 0), 0) - tile * BLOCK_N
-        off = tl.sum(tl.where(sel, g_off, 0), 0).to(tl.int64) * ALIGN
-        if QUANT:  # no slot tile here (and PK/PV hold bytes, not K/V's type)
-            base_k = tl.where(kind_range, LK, CK) + off
-            base_v = tl.where(kind_range, LV, CV) + off
-        else:
-            base_k = tl.where(kind_slot, PK, tl.where(kind_range, LK, CK)) + off
-            base_v = tl.where(kind_slot, PV, tl.where(kind_range, LV, CV)) + off
-        s_n = tl.where(kind_slot, stride_pn, tl.where(kind_range, stride_ln, stride_cn))
-        m_n = o_n < valid
-        p_k = base_k + (row + o_n)[:, None] * s_n + o_d[None, :]
-        p_v = base_v + (row + o_n)[:, None] * s_n + o_d[None, :]
-        b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)
-        b_v = tl.load(p_v, mask=m_n[:, None] & m_d[None, :], other=0.0)
-        if ROTATE:
-            p_rot = i_b64 * stride_rotb + seg * stride_rotn + o_p
-            rot_cos = tl.load(ROT_COS + p_rot, mask=kind_slot & (o_p >= 0), other=1.0)
-            rot_sin = tl.load(ROT_SIN + p_rot, mask=kind_slot & (o_p >= 0), other=0.0)
-            b_k = _rotate_pairs(b_k, rot_cos, rot_sin, BLOCK_N, BLOCK_D)
-
-        slot_hit = (o_s[None, :] == seg) & kind_slot
-        acc, m_i, l_i, e_i, l_slot = _fold_tile(
-            b_q, b_k, b_v, m_n, slot_hit, acc, m_i, l_i, e_i, l_slot, qk_scale,
-            STATS, PRECISION,
-        )  # fmt: skip
+                    rot_cos = tl.load(ROT_COS + p_rot) * q_mul
+                    rot_sin = tl.load(ROT_SIN + p_rot) * q_mul
+                    b_qj = _turn_q(b_q0, rot_cos, rot_sin, q_dt, BLOCK_M, BLOCK_D)
+                else:
+                    b_qj = (b_q0.to(tl.float32) * q_mul).to(q_dt)
+                if QUANT:
+                    # Keys: the slot's scale (and the decode's 2^8) folds into c. Values:
+                    # p stays in [0, 1]; acc is divided by the value scale while this
+                    # slot is summed (fp32, once per slot, not per tile).
+                    if FP8_NATIVE:
+                        dec = 1.0
+                    else:
+                        dec = FP8_DECODE
+                    k_sc = tl.load(K_SCALE + slot.to(tl.int64) * stride_scp + i_h)
+                    v_sc = tl.load(V_SCALE + slot.to(tl.int64) * stride_scp + i_h) * dec
+                    c = c * k_sc * dec
+                    acc = acc * (1.0 / v_sc)
+            else:
+                b_qj = b_q
+            if STATS:
+                l_start = l_i
+                m_start = m_i
+            for t in range(0, n_full):
+                b_k = _kv_tile(PK, slot, t * BLOCK_N, i_h, off, stride_pn, BLOCK_N,
+                               D, BLOCK_N, BLOCK_D, USE_TMA, False)  # fmt: skip
+                b_v = _kv_tile(PV, slot, t * BLOCK_N, i_h, off, stride_pn, BLOCK_N,
+                               D, BLOCK_N, BLOCK_D, USE_TMA, False)  # fmt: skip
+                if QUANT:
+                    b_k = _e4m3_to_f16(b_k, FP8_NATIVE).to(b_qj.dtype)
+                    b_v = _e4m3_to_f16(b_v, FP8_NATIVE).to(b_qj.dtype)
+                acc, m_i, l_i, u_i = _fold(b_qj, b_k, b_v, acc, m_i, l_i, u_i, c, BLOCK_N,
+                                           False, STATS, PRECISION, BLOCK_N)  # fmt: skip
+            if n_rem > 0:
+                b_k = _kv_tile(PK, slot, n_full * BLOCK_N, i_h, off, stride_pn, n_rem,
+                               D, BLOCK_N, BLOCK_D, USE_TMA, True)  # fmt: skip
+                b_v = _kv_tile(PV, slot, n_full * BLOCK_N, i_h, off, stride_pn, n_rem,
+                               D, BLOCK_N, BLOCK_D, USE_TMA, True)  # fmt: skip
+                if QUANT:
+                    b_k = _e4m3_to_f16(b_k, FP8_NATIVE).to(b_qj.dtype)
+                    b_v = _e4m3_to_f16(b_v, FP8_NATIVE).to(b_qj.dtype)
+                acc, m_i, l_i, u_i = _fold(b_qj, b_k, b_v, acc, m_i, l_i, u_i, c, n_rem,
+                                           True, STATS, PRECISION, BLOCK_N)  # fmt: skip
+            if QUANT:
+                acc = acc * v_sc
+            if STATS:  # this slot's share of l, at the current max: once per slot
+                l_seg = tl.maximum(l_i - l_start * tl.math.exp2(m_start - m_i), 0.0)
+                lm_slot = tl.where(o_s[None, :] == j, (m_i + tl.math.log2(l_seg))[:, None],
+                                   lm_slot)  # fmt: skip
 
     # Rows that attended nothing (l == 0) get zeros, lse = -inf, entropy 0.
     attended = l_i > 0.0
     l_safe = tl.where(attended, l_i, 1.0)
     out = acc / l_safe[:, None]
-    p_o = OUT + i_b64 * stride_ob + i_h * stride_oh + o_m[:, None] * stride_om + o_d[None, :]
+    p_o = OUT + i_b64 * stride_ob + i_h64 * stride_oh + o_m[:, None] * stride_om + o_d[None, :]
     tl.store(p_o, out.to(OUT.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
 
     if STATS:
-        lse = tl.where(attended, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
-        ent = tl.where(attended, tl.log(l_safe) - LN2 * e_i / l_safe, 0.0)
+        lse2 = m_i + tl.math.log2(l_safe)
+        lse = tl.where(attended, lse2 * LN2, float("-inf"))
+        ent = tl.where(attended, (lse2 - u_i / l_safe) * LN2, 0.0)
         row_id = (i_b64 * H + i_h) * Sq + o_m
         tl.store(LSE + row_id, lse, mask=m_m)
         tl.store(ENT + row_id, ent, mask=m_m)
-        # l_slot and l_i share the running max, so their ratio is the probability.
-        mass = tl.where(m_m[:, None], l_slot / l_safe[:, None], 0.0)
+        # lm_slot and l_i share the running max, so 2^(lm - lse2) is the probability.
+        keep = m_m & attended
+        mass = tl.where(keep[:, None], tl.math.exp2(lm_slot - lse2[:, None]), 0.0)
         p_mass = MASS + i_b64 * stride_mb + i_h * stride_mh + i_m * stride_mt + o_s
         tl.store(p_mass, tl.sum(mass, 0))
 
 
 # ----------------------------------------------------------------------------- configs
 class KernelConfig:
-    """Launch parameters of the attention kernel."""
+    """Launch parameters of the attention kernel (``tma``: K/V through tensor
+    descriptors, the bulk tensor copies of sm_90; otherwise pointer loads)."""
 
-    __slots__ = ("block_m", "block_n", "num_stages", "num_warps")
+    __slots__ = ("block_m", "block_n", "num_stages", "num_warps", "tma")
 
-    def __init__(self, block_m: int, block_n: int, num_warps: int, num_stages: int) -> None:
+    def __init__(
+        self, block_m: int, block_n: int, num_warps: int, num_stages: int, tma: bool = False
+    ) -> None:
         self.block_m, self.block_n = block_m, block_n
         self.num_warps, self.num_stages = num_warps, num_stages
+        self.tma = tma
 
     def as_dict(self) -> dict:
         return {s: getattr(self, s) for s in self.__slots__}
@@ -292,36 +405,53 @@ class KernelConfig:
     def __repr__(self) -> str:
         return (
             f"KernelConfig(BLOCK_M={self.block_m}, BLOCK_N={self.block_n}, "
-            f"num_warps={self.num_warps}, num_stages={self.num_stages})"
+            f"num_warps={self.num_warps}, num_stages={self.num_stages}, tma={self.tma})"
         )
 
 
 # Block sizes per (compute capability major, padded head dim), chosen with the kernel
-# report (python -m dysink_kernels kernels) so that no configuration spills:
-# * Hopper (sm_90): 128-row query tiles over two warpgroups (8 warps) feed wgmma.
-#   D = 128: 64-key tiles in 3 stages use 222-255 registers and 129 KB of shared
-#   memory; 128-key tiles also fit (3 stages: 225 KB) and are the candidate the GPU
-#   benchmark compares against. D = 64 affords 128-key tiles, D = 256 only 32.
-# * Ampere (sm_80): mma.sync with 8 warps; at D = 128 only 32-key tiles stay clear
-#   of spills (64-key tiles spill 40-216 bytes), at D = 256 64x64 tiles.
-# * Other archs and the CPU interpreter: small tiles.
+# report (python -m dysink_kernels kernels) so that no configuration spills on
+# Triton 3.6 or 3.9:
+# * Hopper (sm_90): 128-row query tiles over two warpgroups (8 warps) feed wgmma; K/V
+#   come through tensor descriptors. D = 128: 64-key tiles in 3 stages.
+# * Ampere (sm_80): mma.sync with 8 warps and cp.async pointer loads; at D = 128
+#   32-key tiles stay clear of spills, at D = 256 64x64 tiles.
+# * Other archs and the CPU interpreter: small tiles, pointer loads.
+#
+# Waves. At the reference shape (B=1, Sq=4680, H=12) a 128-row tile gives
+# 37 x 12 = 444 programs; at one program per SM (about 170 registers x 256 threads,
+# 130 KB of shared memory) that is 3.36 waves on an H100's 132 SMs, so the last wave
+# runs 48 programs on 132 SMs (~16% of the time idle). What the tile choice can do:
+# 64-row tiles give 888 programs at two per SM, again 3.36 waves; 192 or 256 rows
+# need 12-16 warps or twice the accumulator registers (and 300 programs are 2.27
+# waves, worse). A persistent grid of 132 programs takes the same 444 equal items,
+# so it keeps the tail. What removes it is finer work: splitting each program's
+# keys in two (888 items, 6.7 waves -> a 4% tail) with a log-sum-exp merge of the
+# two halves. That merge needs either a second launch or a per-tile counter with
+# which the later half merges both (a workspace and a reset per call); the per-call
+# single launch and the absence of state were kept, so the split is not done: the
+# expected gain (~12% of the kernel at this shape) is recorded here to be taken
+# with a GPU to measure it on.
 _CONFIGS: dict[tuple[int, int], KernelConfig] = {
-    (9, 64): KernelConfig(128, 128, 8, 3),
-    (9, 128): KernelConfig(128, 64, 8, 3),
-    (9, 256): KernelConfig(128, 32, 8, 2),
+    (9, 64): KernelConfig(128, 128, 8, 3, tma=True),
+    (9, 128): KernelConfig(128, 64, 8, 3, tma=True),
+    (9, 256): KernelConfig(128, 32, 8, 2, tma=True),
     (8, 64): KernelConfig(128, 64, 8, 3),
-    (8, 128): KernelConfig(128, 32, 8, 3),
+    (8, 128): KernelConfig(128, 32, 8, 2),
     (8, 256): KernelConfig(64, 64, 8, 2),
 }
 # Configurations DYSINK_AUTOTUNE=1 tries (on the GPU, at the first call of each
 # shape), per padded head dim. Benchmarks only: timing needs host synchronisation.
 _AUTOTUNE_CANDIDATES: dict[int, list[KernelConfig]] = {
-    64: [KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 4, 3)],
+    64: [KernelConfig(128, 128, 8, 3, True), KernelConfig(128, 64, 8, 3, True),
+         KernelConfig(128, 64, 4, 3)],
     128: [
-        KernelConfig(128, 64, 8, 3), KernelConfig(128, 128, 8, 2), KernelConfig(128, 128, 8, 3),
-        KernelConfig(128, 64, 8, 4), KernelConfig(128, 32, 8, 3), KernelConfig(64, 64, 4, 3),
+        KernelConfig(128, 64, 8, 3, True), KernelConfig(128, 128, 8, 2, True),
+        KernelConfig(128, 64, 8, 4, True), KernelConfig(128, 64, 8, 3),
+        KernelConfig(128, 32, 8, 3), KernelConfig(64, 64, 4, 3),
     ],
-    256: [KernelConfig(128, 32, 8, 2), KernelConfig(64, 64, 8, 2), KernelConfig(64, 32, 4, 2)],
+    256: [KernelConfig(128, 32, 8, 2, True), KernelConfig(64, 64, 8, 2),
+          KernelConfig(64, 32, 4, 2)],
 }  # fmt: skip
 _AUTOTUNED: dict[tuple, KernelConfig] = {}
 _FALLBACK = KernelConfig(64, 64, 4, 2)
@@ -332,32 +462,67 @@ def _dim_bucket(block_d: int) -> int:
     return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
 
 
-def pick_config(device: torch.device, head_dim: int, arch: int | None = None) -> KernelConfig:
-    """The launch configuration for ``device`` (or compute capability major ``arch``)."""
+def pick_config(
+    device: torch.device,
+    head_dim: int,
+    arch: int | None = None,
+    *,
+    stats: bool = False,
+    rotate: bool = False,
+    quant: bool = False,
+) -> KernelConfig:
+    """The launch configuration for ``device`` (or compute capability major ``arch``)
+    and this call's variant (statistics, re-positioned slots, fp8 bank)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if arch is None:
         if device.type != "cuda":
             return _INTERPRETER
         arch = torch.cuda.get_device_capability(device)[0]
-    arch = 9 if arch >= 9 else arch
-    return _CONFIGS.get((arch, _dim_bucket(block_d)), _FALLBACK)
+    if arch >= 10:  # no tuned table beyond Hopper: its tiles, pointer loads
+        base = _CONFIGS[(9, _dim_bucket(block_d))]
+        return KernelConfig(base.block_m, base.block_n, base.num_warps, base.num_stages)
+    cfg = _CONFIGS.get((arch, _dim_bucket(block_d)), _FALLBACK)
+    if arch == 9 and quant and cfg.num_stages > 2:
+        # The e4m3 conversion's registers: a third stage spills 8 bytes (Triton 3.6).
+        cfg = KernelConfig(cfg.block_m, cfg.block_n, cfg.num_warps, 2, cfg.tma)
+    if arch == 8 and (stats or rotate or quant) and cfg.block_n > 16:
+        # mma.sync holds whole K/V operands per warp: with statistics, turned queries
+        # or the fp8 decode, 32-key tiles spill 8-112 bytes (Triton 3.6/3.9).
+        cfg = KernelConfig(cfg.block_m, 16, cfg.num_warps, cfg.num_stages, cfg.tma)
+    return cfg
 
 
-_ALIGN_ELEMS = 16
+# Pointer loads address a tile as int32 row offsets from a segment's int64 origin.
+_INT32_MAX = 2**31 - 1
 
 
-def _alignment(*tensors: torch.Tensor) -> int:
-    """16 when every K/V origin offset is a multiple of 16 elements and every base is
-    16-byte aligned (the usual case: contiguous (…, H, D) tensors with D % 16 == 0),
-    else 1 (correct, but the loads cannot be pipelined)."""
-    for t in tensors:
-        if t.data_ptr() % 16 or any(st % _ALIGN_ELEMS for st in t.stride()[:-1]):
-            return 1
-    return _ALIGN_ELEMS
+def _check_offsets(**tensors: torch.Tensor) -> None:
+    """Refuse a K/V tensor whose row offsets inside one (sample or slot, head) exceed
+    int32 (the kernel would wrap them): rows x row stride + head dim < 2^31."""
+    for name, t in tensors.items():
+        span = (t.shape[1] - 1) * abs(t.stride(1)) + t.shape[3] if t.shape[1] else 0
+        if span > _INT32_MAX:
+            raise ValueError(
+                f"{name}: one (sample, head) spans {span} elements (shape {tuple(t.shape)}, "
+                f"strides {t.stride()}); the triton backend addresses at most 2^31 - 1"
+            )
 
 
-def _n_segs(n_slots: int, n_ranges: int) -> int:
-    return max(2, triton.next_power_of_2(n_slots + n_ranges + 1))
+def _descriptor_ok(t: torch.Tensor) -> bool:
+    """A 4-D tensor a tensor descriptor can address: 16-byte aligned base and strides,
+    contiguous last dim, no empty dim."""
+    size = t.element_size()
+    return (
+        t.numel() > 0
+        and t.data_ptr() % 16 == 0
+        and t.stride(-1) == 1
+        and all((s * size) % 16 == 0 for s in t.stride()[:-1])
+    )
+
+
+def _native_fp8(device: torch.device) -> bool:
+    """Whether the GPU converts e4m3 in hardware (compute capability 8.9 and later)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -389,7 +554,7 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _same_layout(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel addresses V with K's strides: copy only when they differ."""
+    """The pointer path addresses V with K's strides: copy only when they differ."""
     k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
     if k.stride() != v.stride():
         k, v = k.contiguous(), v.contiguous()
@@ -428,15 +593,15 @@ def gathered_attention_triton(
     if quant and pool_k_scale.stride() != pool_v_scale.stride():
         raise ValueError("pool_k_scale and pool_v_scale must share a layout")
     local_k, local_v = _same_layout(local_k, local_v)
+    has_cur = cur_k is not None
+    if has_cur:
+        cur_k, cur_v = _same_layout(cur_k, cur_v)
+        _check_offsets(cur_k=cur_k)
+    _check_offsets(pool_k=pool_k, local_k=local_k)
     slot_idx = slot_idx.to(torch.int32)
     local_ranges = local_ranges.to(torch.int32)
     n = slot_idx.shape[1]
     S_e = pool_k.shape[1]
-    has_cur = cur_k is not None
-    if has_cur:
-        cur_k, cur_v = _same_layout(cur_k, cur_v)
-    else:
-        cur_k = cur_v = q  # never read
     Sc = cur_k.shape[1] if has_cur else 0
 
     out = _empty(q.shape, q.dtype, q.device)
@@ -445,10 +610,11 @@ def gathered_attention_triton(
     if config is None and q.is_cuda and os.environ.get("DYSINK_AUTOTUNE", "0") == "1":
         config = _autotune(
             (q, pool_k, pool_v, slot_idx, local_k, local_v, local_ranges,
-             cur_k if has_cur else None, cur_v if has_cur else None, softmax_scale, return_stats,
-             slot_delta, rope_theta),
+             cur_k, cur_v, softmax_scale, return_stats, slot_delta, rope_theta),
         )  # fmt: skip
-    cfg = config or pick_config(q.device, D)
+    cfg = config or pick_config(
+        q.device, D, stats=return_stats, rotate=slot_delta is not None, quant=quant
+    )
     n_m = triton.cdiv(Sq, cfg.block_m)
     n_slots_pad = max(2, triton.next_power_of_2(n))
     if return_stats:
@@ -464,9 +630,25 @@ def gathered_attention_triton(
         rot_cos, rot_sin = _rotation_table(slot_delta, D, block_d, rope_theta)
     else:
         rot_cos = rot_sin = lse  # never read without ROTATE
+
+    kv = [pool_k, pool_v, local_k, local_v] + ([cur_k, cur_v] if has_cur else [])
+    use_tma = cfg.tma and all(_descriptor_ok(t) for t in [q, *kv])
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        block = [1, cfg.block_n, 1, block_d]
+        pk_a, pv_a, lk_a, lv_a = (TensorDescriptor.from_tensor(t, block) for t in kv[:4])
+        qd = TensorDescriptor.from_tensor(q, [1, cfg.block_m, 1, block_d])
+        ck_a, cv_a = (
+            (TensorDescriptor.from_tensor(t, block) for t in kv[4:]) if has_cur else (lk_a, lv_a)
+        )
+    else:
+        qd, pk_a, pv_a, lk_a, lv_a = q, pool_k, pool_v, local_k, local_v
+        ck_a, cv_a = (cur_k, cur_v) if has_cur else (local_k, local_v)  # never read without cur
+    cs = cur_k.stride() if has_cur else (0, 0, 0)
     grid = (n_m, B * H)
     _gathered_attn_fwd[grid](
-        q, pool_k, pool_v, slot_idx, local_k, local_v, local_ranges, cur_k, cur_v,
+        q, qd, pk_a, pv_a, slot_idx, lk_a, lv_a, local_ranges, ck_a, cv_a,
         rot_cos, rot_sin,
         pool_k_scale if quant else lse, pool_v_scale if quant else lse,
         out, lse, ent, mass,
@@ -478,15 +660,14 @@ def gathered_attention_triton(
         pool_k_scale.stride(0) if quant else 0,
         local_k.stride(0), local_k.stride(1), local_k.stride(2),
         local_ranges.stride(0), local_ranges.stride(1),
-        cur_k.stride(0), cur_k.stride(1), cur_k.stride(2),
+        cs[0], cs[1], cs[2],
         out.stride(0), out.stride(1), out.stride(2),
         mass.stride(0), mass.stride(1), mass.stride(2),
         D=D, N_RANGES=local_ranges.shape[1], HAS_CUR=has_cur, STATS=return_stats,
-        ROTATE=rotate, QUANT=quant,
-        N_SLOTS=n_slots_pad, N_SEGS=_n_segs(n, local_ranges.shape[1]),
-        ALIGN=_alignment(pool_k, pool_v, local_k, local_v, cur_k, cur_v),
+        ROTATE=rotate, QUANT=quant, N_SLOTS=n_slots_pad,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_D=block_d, PRECISION=_precision(q.dtype),
+        BLOCK_D=block_d, PRECISION=_precision(q.dtype), USE_TMA=use_tma,
+        FP8_NATIVE=quant and _native_fp8(q.device),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if not return_stats:
