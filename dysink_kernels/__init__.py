@@ -1,5 +1,8 @@
 """dysink_kernels: fused kernels and a drop-in module for DySink dynamic frame sinks.
 
+This module is the package's public face: every public name is imported from here
+(README "API" lists them).
+
 Importing the package queries no device, compiles nothing and downloads nothing;
 backends (Triton, the C++/CUDA extension) load on first use.
 """
@@ -16,8 +19,10 @@ from .ops import (
     rotate_temporal,
     select_sinks,
     sink_gate,
+    wan_rope_angles,
+    wan_rope_axis_pairs,
+    wan_rope_freqs,
 )
-from .ops.rope import wan_rope_angles, wan_rope_axis_pairs, wan_rope_freqs
 from .sink_attention import SinkAttention
 
 __all__ = [

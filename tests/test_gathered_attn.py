@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dysink_kernels import gathered_sink_attention
-from dysink_kernels.ops.gathered_sink_attention import gathered_attention
+from dysink_kernels.ops.gathered_sink_attention import gathered_sink_attention_general as gathered_attention
 
 from conftest import assert_close
 
