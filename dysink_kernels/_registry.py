@@ -182,8 +182,6 @@ def define_op(
         _, fn = resolve_backend(name, a.backend, _first_tensor(a).device)
         return fn(*a[:-1]) if call is None else call(fn, a)
 
-    op = torch.library.custom_op(
-        f"{NAMESPACE}::{name}", run, mutates_args=mutated, schema=schema
-    )
+    op = torch.library.custom_op(f"{NAMESPACE}::{name}", run, mutates_args=mutated, schema=schema)
     op.register_fake(lambda *args, **kwargs: fake(args_type(*args, **kwargs)))
     return op

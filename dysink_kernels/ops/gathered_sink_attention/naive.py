@@ -12,8 +12,8 @@ The general form attends three segments of keys for each sample ``b``:
 * current keys: ``cur_k[b]`` in full (optional).
 
 Options: ``slot_delta (B, n)`` re-positions each slot's keys by that many frames
-(the temporal RoPE turn of ``rotate_temporal``; the stored bank is not touched); ``pool_k_scale/pool_v_scale
-(P, H)`` dequantise an fp8 bank (value = stored * scale).
+(the temporal RoPE turn of ``rotate_temporal``; the stored bank is not touched);
+``pool_k_scale/pool_v_scale (P, H)`` dequantise an fp8 bank (value = stored * scale).
 
 The public function (``gathered_sink_attention``) uses one local range
 ``[0, k_len)`` and no current keys; ``DySinkCache`` uses all three (static sinks and the
@@ -111,7 +111,7 @@ def gathered_attention_naive(
     pool_k_scale: torch.Tensor | None = None,
     pool_v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SinkAttnStats | None]:
-    B, Sq, H, D = q.shape
+    B, Sq, H, _ = q.shape
     S_e = pool_k.shape[1]
     n = slot_idx.shape[1]
     device = q.device

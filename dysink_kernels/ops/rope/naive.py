@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from .tables import rotate_pairs, temporal_cos_sin, wan_rope_angles
-from .tables import wan_rope_freqs  # noqa: F401  (until gathered_sink_attention/triton.py imports it from tables)
+from .tables import (
+    rotate_pairs,
+    temporal_cos_sin,
+    wan_rope_angles,
+    wan_rope_freqs,  # noqa: F401  (for gathered attention's triton.py until it imports tables)
+)
 
 __all__ = ["apply_wan_rope_naive", "rotate_temporal_naive"]
 
