@@ -117,6 +117,20 @@ def check_not_above(lo: torch.Tensor, hi: torch.Tensor, name_lo: str, name_hi: s
         torch._assert_async(ok, f"{name_lo} must be <= {name_hi} element-wise")
 
 
+def check_prefix_len(
+    k_len: torch.Tensor | None, k: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """``k_len (B,)``: how many leading keys of ``k (B, Sk, ...)`` are valid, each in
+    ``[0, Sk]``; ``None`` means all ``Sk`` (returned as an int32 tensor)."""
+    B, Sk = k.shape[:2]
+    if k_len is None:
+        return torch.full((B,), Sk, dtype=torch.int32, device=device)
+    check_tensor(k_len, "k_len", 1, INDEX_DTYPES, device=device)
+    check_dim(k_len, "k_len", 0, B, "batch")
+    check_index_range(k_len, "k_len", 0, Sk)
+    return k_len
+
+
 def check_finite(t: torch.Tensor, name: str) -> None:
     """``t`` must hold no NaN or Inf (device-side assert off the CPU)."""
     if t.numel() == 0 or not _values_checkable(t):

@@ -19,6 +19,7 @@ from ..._validate import (
     check_dim,
     check_index_range,
     check_positive_number,
+    check_prefix_len,
     check_same_dtype,
     check_tensor,
 )
@@ -189,13 +190,7 @@ def gathered_sink_attention(
             f"pool_v must have the shape of pool_k {tuple(pool_k.shape)}, got {tuple(pool_v.shape)}"
         )
     check_dim(slot_idx, "slot_idx", 0, B, "batch")
-    Sk = k.shape[1]
-    if k_len is None:
-        k_len = torch.full((B,), Sk, dtype=torch.int32, device=device)
-    else:
-        check_tensor(k_len, "k_len", 1, INDEX_DTYPES, device=device)
-        check_dim(k_len, "k_len", 0, B, "batch")
-        check_index_range(k_len, "k_len", 0, Sk)
+    k_len = check_prefix_len(k_len, k, device)
     check_index_range(slot_idx, "slot_idx", -1, pool_k.shape[0] - 1)
     if softmax_scale is not None:
         check_positive_number(softmax_scale, "softmax_scale")

@@ -17,6 +17,7 @@ from ..._validate import (
     INDEX_DTYPES,
     check_dim,
     check_index_range,
+    check_prefix_len,
     check_same_dtype,
     check_tensor,
 )
@@ -134,13 +135,7 @@ def sink_gate(
     check_tensor(slot_idx, "slot_idx", 2, INDEX_DTYPES, device=device)
     check_dim(slot_idx, "slot_idx", 0, B, "batch")
     check_tau_scope(tau, scope)
-    Sk = k.shape[1]
-    if k_len is None:
-        k_len = torch.full((B,), Sk, dtype=torch.int32, device=device)
-    else:
-        check_tensor(k_len, "k_len", 1, INDEX_DTYPES, device=device)
-        check_dim(k_len, "k_len", 0, B, "batch")
-        check_index_range(k_len, "k_len", 0, Sk)
+    k_len = check_prefix_len(k_len, k, device)
     check_index_range(slot_idx, "slot_idx", -1, slot_mean_k.shape[0] - 1)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
