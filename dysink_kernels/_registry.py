@@ -1,8 +1,8 @@
 """One registry that maps (op, backend name) to an implementation, and the custom ops.
 
-Every public op takes ``backend=``; its ``op.py`` resolves the name once per call with
-:func:`resolve_backend` and passes the concrete name to its ``torch.library`` custom
-op (:func:`define_op`), whose implementation calls that backend.
+Every public op takes ``backend=``. Its ``op.py`` checks the arguments and calls its
+``torch.library`` custom op (:func:`define_op`), which resolves the name once per call
+with :func:`resolve_backend` and calls that backend.
 
 Backends register a *loader* (``"package.module:function"``) so that importing the
 package never imports Triton or a compiled extension; the loader runs on first use.
@@ -11,7 +11,7 @@ usable on the tensors' device, else ``"naive"`` (always available).
 
 The backend protocol: a backend of an op is a function that takes the op's schema
 arguments, without the final ``backend``, positionally and in schema order, and
-returns what the op's ``result`` adapter expects (the schema's outputs by default).
+returns the schema's outputs (or what the op's ``call`` adapts into them).
 """
 
 from __future__ import annotations
