@@ -124,3 +124,26 @@ def test_ops_import_one_way(path):
         if own == "ops" and mod.count(".") == 1:  # ops/__init__.py: each op's package
             continue
         raise AssertionError(f"{name} imports {mod}")
+
+
+def test_auto_is_resolved_once_per_call(monkeypatch):
+    """Each public call resolves its backend exactly once (inside its custom op)."""
+    from dysink_kernels import _registry, gathered_sink_attention, select_sinks, sink_gate
+
+    calls = []
+    real = _registry.resolve_backend
+
+    def counting(op, backend, device):
+        calls.append(op)
+        return real(op, backend, device)
+
+    monkeypatch.setattr(_registry, "resolve_backend", counting)
+    q = torch.randn(1, 3, 2, 16)
+    pool = torch.randn(2, 4, 2, 16)
+    slots = torch.tensor([[0, -1]], dtype=torch.int32)
+    gathered_sink_attention(q, q, q, pool, pool, slots, return_stats=True)
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)
+    select_sinks(torch.randn(1, 2, 8), torch.randn(2, 8), i32([0, 0]), i32([0, 3]), k=1,
+                 exclude_lo=i32([0]), exclude_hi=i32([0]))  # fmt: skip
+    sink_gate(q, q, torch.randn(2, 2, 16), slots)
+    assert calls == ["gathered_sink_attention", "select_sinks", "sink_gate"]
