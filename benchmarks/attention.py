@@ -19,7 +19,10 @@ import torch.nn.functional as F
 
 from dysink_kernels import available_backends
 from dysink_kernels.fp8 import quantize
-from dysink_kernels.ops.gathered_sink_attention import gathered_attention, gathered_sink_attention
+from dysink_kernels.ops.gathered_sink_attention import (
+    gathered_sink_attention,
+    gathered_sink_attention_general,
+)
 
 from measure import (
     Recorder,
@@ -68,7 +71,7 @@ class AttnProvider:
         """The ``backend=`` this provider passes to the package's op, if it is one."""
         if self.name == "ours":
             return "auto"
-        if self.name in available_backends("gathered_attention"):
+        if self.name in available_backends("gathered_sink_attention"):
             return self.name
         return None
 
@@ -89,9 +92,9 @@ def attention_providers(
 ) -> list[tuple[AttnProvider, str | None]]:
     """Every provider, with why it cannot run on ``device`` (``None`` when it can)."""
     device = torch.device(device)
-    usable = set(available_backends("gathered_attention", device))
+    usable = set(available_backends("gathered_sink_attention", device))
     out: list[tuple[AttnProvider, str | None]] = []
-    for name in ("ours", *available_backends("gathered_attention")):
+    for name in ("ours", *available_backends("gathered_sink_attention")):
         reason = None
         if name != "ours" and name not in usable:
             reason = f"backend {name!r} is not available on {device.type}"
@@ -252,7 +255,7 @@ def _option_call(provider: AttnProvider, inp: dict[str, torch.Tensor], backend: 
         kw.update(pool_k_scale=s_k[:, 0, :, 0], pool_v_scale=s_v[:, 0, :, 0])
 
     def call(backend: str = backend) -> torch.Tensor:
-        return gathered_attention(
+        return gathered_sink_attention_general(
             inp["q"], pool_k, pool_v, inp["slot_idx"], inp["k"], inp["v"], ranges,
             backend=backend, **kw,
         )[0]  # fmt: skip

@@ -305,7 +305,7 @@ def stage_attention(run: Run, plan, device, dry: bool) -> None:
     until = run.stage_deadline("attention")
     run_attention(run.rec, plan, device, allow_interpreter=dry, deadline=until, log=run.log)
     run.flush()
-    if "triton" in available_backends("gathered_attention", device):
+    if "triton" in available_backends("gathered_sink_attention", device):
         config_scan(run.rec, plan, device, deadline=until, log=run.log)
     else:
         run.log("  config scan: triton is not available here")

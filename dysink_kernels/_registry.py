@@ -1,24 +1,42 @@
-"""One registry that maps (op, backend name) to an implementation.
+"""One registry that maps (op, backend name) to an implementation, and the custom ops.
 
-Every public op takes ``backend=``; this module resolves the name. Implementations
-register a *loader* (``"package.module:function"``) so that importing the package
-never imports Triton or a compiled extension; the loader runs on first use.
+Every public op takes ``backend=``. Its ``op.py`` checks the arguments and calls its
+``torch.library`` custom op (:func:`define_op`), which resolves the name once per call
+with :func:`resolve_backend` and calls that backend.
 
-``"auto"`` picks, among the backends whose ``available(device)`` is true, the one
-with the highest priority for that device type. ``"naive"`` is always available.
+Backends register a *loader* (``"package.module:function"``) so that importing the
+package never imports Triton or a compiled extension; the loader runs on first use.
+``"auto"`` takes the first backend of the op's row in ``_backends.AUTO`` that is
+usable on the tensors' device, else ``"naive"`` (always available).
+
+The backend protocol: a backend of an op is a function that takes the op's schema
+arguments, without the final ``backend``, positionally and in schema order, and
+returns the schema's outputs (or what the op's ``call`` adapts into them).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections import namedtuple
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 
 import torch
 
-__all__ = ["available_backends", "register_backend", "registered_ops", "resolve_backend"]
+from ._backends import AVAILABLE, auto_order
+
+__all__ = [
+    "NAMESPACE",
+    "available_backends",
+    "define_op",
+    "register_backend",
+    "registered_ops",
+    "resolve_backend",
+]
+
+NAMESPACE = "dysink"
 
 
 @dataclass
@@ -26,7 +44,6 @@ class _Backend:
     name: str
     loader: str | Callable
     available: Callable[[torch.device], bool]
-    priority: dict[str, int] = field(default_factory=dict)
     _fn: Callable | None = None
 
     def present(self) -> bool:
@@ -37,9 +54,6 @@ class _Backend:
 
     def usable(self, device: torch.device) -> bool:
         return self.present() and self.available(device)
-
-    def rank(self, device: torch.device) -> int | None:
-        return self.priority.get(device.type, self.priority.get("*"))
 
     def load(self) -> Callable:
         if self._fn is None:
@@ -62,36 +76,43 @@ def _module_exists(name: str) -> bool:
         return False
 
 
-def _always(device: torch.device) -> bool:
-    return True
-
-
 def register_backend(
     op: str,
     name: str,
     loader: str | Callable,
     *,
-    available: Callable[[torch.device], bool] = _always,
-    priority: dict[str, int] | None = None,
+    available: Callable[[torch.device], bool] | None = None,
 ) -> None:
     """Register ``loader`` as backend ``name`` of ``op``.
 
-    ``priority`` maps a device type (``"cuda"``, ``"cpu"``, or ``"*"`` for any) to a
-    rank used by ``"auto"``; a device type missing from it means ``auto`` never
-    picks this backend on that device (it can still be asked for by name).
+    ``available(device)`` says whether it can run on a device; by default the rule
+    of ``_backends.AVAILABLE`` for that backend name (always, for an unknown name).
+    Whether ``"auto"`` may pick it is decided by ``_backends.AUTO`` alone.
     """
     if name == "auto":
         raise ValueError("'auto' is reserved")
-    _REGISTRY.setdefault(op, {})[name] = _Backend(name, loader, available, dict(priority or {}))
+    if available is None:
+        available = AVAILABLE.get(name, AVAILABLE["naive"])
+    _REGISTRY.setdefault(op, {})[name] = _Backend(name, loader, available)
 
 
 def registered_ops() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _table(op: str) -> dict[str, _Backend]:
+    table = _REGISTRY.get(op)
+    if table is None:
+        raise ValueError(f"unknown op {op!r}; the ops are {registered_ops()}")
+    return table
+
+
 def available_backends(op: str, device: torch.device | str | None = None) -> list[str]:
-    """Names of the backends of ``op`` usable on ``device`` (all registered if None)."""
-    table = _REGISTRY.get(op, {})
+    """Names of the backends of ``op`` usable on ``device`` (all registered if None).
+
+    Raises ``ValueError`` for an op that is not registered.
+    """
+    table = _table(op)
     if device is None:
         return sorted(table)
     dev = torch.device(device)
@@ -106,19 +127,12 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> tuple[str, C
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    table = _REGISTRY.get(op)
-    if table is None:
-        raise ValueError(f"unknown op {op!r}")
+    table = _table(op)
     if backend == "auto":
-        ranked = [
-            (b.rank(device), n)
-            for n, b in table.items()
-            if b.rank(device) is not None and b.usable(device)
-        ]
-        if not ranked:
-            raise RuntimeError(f"no backend of {op} can run on {device}")
-        name = max(ranked)[1]
-        return name, table[name].load()
+        for name in auto_order(op, device):
+            if name in table and table[name].usable(device):
+                return name, table[name].load()
+        raise RuntimeError(f"no backend of {op} can run on {device}")
     if backend not in table:
         raise ValueError(
             f"unknown backend {backend!r} for {op}; choose one of {['auto', *sorted(table)]}"
@@ -127,3 +141,47 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> tuple[str, C
     if not entry.usable(device):
         raise RuntimeError(f"backend {backend!r} of {op} is not available on {device}")
     return backend, entry.load()
+
+
+def _first_tensor(args: tuple) -> torch.Tensor:
+    return next(a for a in args if isinstance(a, torch.Tensor))
+
+
+def define_op(
+    name: str,
+    schema: str,
+    *,
+    fake: Callable,
+    call: Callable | None = None,
+) -> Callable:
+    """Define the custom op ``torch.ops.dysink.<name>`` that runs one registered backend.
+
+    ``schema`` is the op's argument list and outputs in ``torch.library`` syntax; its
+    last argument must be ``str backend="auto"``. Each call resolves ``backend`` once,
+    on the device of the first tensor argument, then runs ``call(fn, args)`` (by
+    default ``fn(*args[:-1])``: the backend protocol above), where ``args`` is a named
+    tuple of the schema's arguments, defaults filled in. ``call`` is where an op
+    settles empty problems before any backend sees them and adapts what its
+    backends return. ``fake(args)`` builds the outputs' metadata for
+    ``torch.compile``. Arguments annotated ``(a!)`` in the schema are declared
+    mutated. Returns the op (call it positionally or by argument name).
+    """
+    parsed = torch._C.parse_schema(f"{NAMESPACE}::{name}{schema}")
+    fields = [a.name for a in parsed.arguments]
+    if fields[-1] != "backend":
+        raise ValueError(f"the last argument of {name}'s schema must be 'str backend'")
+    first_default = next(i for i, a in enumerate(parsed.arguments) if a.has_default_value())
+    defaults = [a.default_value for a in parsed.arguments[first_default:]]
+    args_type = namedtuple(f"{name}_args", fields, defaults=defaults)
+    mutated = tuple(
+        a.name for a in parsed.arguments if a.alias_info is not None and a.alias_info.is_write
+    )
+
+    def run(*args, **kwargs):
+        a = args_type(*args, **kwargs)
+        _, fn = resolve_backend(name, a.backend, _first_tensor(a).device)
+        return fn(*a[:-1]) if call is None else call(fn, a)
+
+    op = torch.library.custom_op(f"{NAMESPACE}::{name}", run, mutates_args=mutated, schema=schema)
+    op.register_fake(lambda *args, **kwargs: fake(args_type(*args, **kwargs)))
+    return op

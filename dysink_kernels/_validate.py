@@ -10,6 +10,8 @@ the host; while ``torch.compile`` traces they are left out. Internal callers
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -59,6 +61,19 @@ def check_dim(t: torch.Tensor, name: str, dim: int, expected: int, what: str) ->
         )
 
 
+def check_positive_number(x: object, name: str) -> None:
+    """``x`` must be a finite real number ``> 0`` (not a bool)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
+
+
+def check_count(x: object, name: str) -> int:
+    """``x`` must be an ``int >= 0`` (not a bool); returns it."""
+    if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {x!r}")
+    return x
+
+
 def check_same_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
     items = list(tensors.items())
     dtype = items[0][1].dtype
@@ -88,6 +103,32 @@ def check_index_range(t: torch.Tensor, name: str, lo: int, hi: int) -> None:
         torch._assert_async(
             ((t >= lo) & (t <= hi)).all(), f"{name} holds a value outside [{lo}, {hi}]"
         )
+
+
+def check_not_above(lo: torch.Tensor, hi: torch.Tensor, name_lo: str, name_hi: str) -> None:
+    """Every ``lo[i] <= hi[i]`` (host check for CPU tensors, device assert otherwise)."""
+    if lo.numel() == 0 or not _values_checkable(lo):
+        return
+    ok = (lo <= hi).all()
+    if lo.device.type == "cpu":
+        if not bool(ok):  # ok: host (CPU tensor, no device)
+            raise ValueError(f"{name_lo} must be <= {name_hi} element-wise")
+    else:
+        torch._assert_async(ok, f"{name_lo} must be <= {name_hi} element-wise")
+
+
+def check_prefix_len(
+    k_len: torch.Tensor | None, k: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """``k_len (B,)``: how many leading keys of ``k (B, Sk, ...)`` are valid, each in
+    ``[0, Sk]``; ``None`` means all ``Sk`` (returned as an int32 tensor)."""
+    B, Sk = k.shape[:2]
+    if k_len is None:
+        return torch.full((B,), Sk, dtype=torch.int32, device=device)
+    check_tensor(k_len, "k_len", 1, INDEX_DTYPES, device=device)
+    check_dim(k_len, "k_len", 0, B, "batch")
+    check_index_range(k_len, "k_len", 0, Sk)
+    return k_len
 
 
 def check_finite(t: torch.Tensor, name: str) -> None:

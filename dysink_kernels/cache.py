@@ -34,9 +34,9 @@ from .health import (
     check_cache_state,
     check_device,
 )
-from .ops.gathered_sink_attention import SinkAttnStats, gathered_attention
+from .ops.gathered_sink_attention import SinkAttnStats, gathered_sink_attention_general
 from .ops.rope import rotate_temporal
-from .ops.select_sinks import select_sinks_impl
+from .ops.select_sinks import select_sinks_op
 from .ops.select_sinks.naive import select_sinks_naive
 from .recache import Recacher
 
@@ -288,7 +288,7 @@ class DySinkCache:
                     *args, slot_prior=self._usage_prior(), prior_mix=c.relevance_mix
                 )
             else:
-                slot, score = select_sinks_impl(*args, self.backend)
+                slot, score = select_sinks_op(*args, backend=self.backend)
             self.slot_idx.copy_(slot)
             self.slot_score.copy_(score)
 
@@ -377,7 +377,7 @@ class DySinkCache:
             if k_scale is not None:
                 staged = self.stager.slots.long().clamp(min=0)
                 k_scale, v_scale = k_scale.index_select(0, staged), v_scale.index_select(0, staged)
-        out, attn_stats = gathered_attention(
+        out, attn_stats = gathered_sink_attention_general(
             q, pool_k, pool_v, attend_slots,
             self.local_k[layer], self.local_v[layer], ranges, k, v,
             softmax_scale=c.softmax_scale, return_stats=c.stats,

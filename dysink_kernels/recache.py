@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ._validate import check_tensor
-from .ops.gathered_sink_attention import gathered_attention
+from .ops.gathered_sink_attention import gathered_sink_attention_general
 
 if TYPE_CHECKING:
     from .cache import DySinkCache
@@ -177,7 +177,7 @@ class Recacher:
         n = k.shape[0]
         none = torch.full((n, 0), -1, dtype=torch.int32, device=k.device)
         empty = torch.zeros(n, 1, 2, dtype=torch.int32, device=k.device)
-        out, _ = gathered_attention(
+        out, _ = gathered_sink_attention_general(
             q, self.cache.bank.k[layer], self.cache.bank.v[layer], none, k, v, empty, k, v,
             softmax_scale=c.softmax_scale, backend=self.cache.backend,
         )  # fmt: skip

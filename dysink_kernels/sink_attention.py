@@ -1,8 +1,10 @@
-"""The drop-in module: ``SinkAttention`` plus everything a video model needs with it.
+"""The drop-in module ``SinkAttention``.
 
-Import from here (or from ``dysink_kernels``)::
+README's quick start imports the module with its cache and config from here::
 
     from dysink_kernels.sink_attention import DySinkConfig, DySinkCache, SinkAttention
+
+Everything else the package offers is imported from ``dysink_kernels``.
 """
 
 from __future__ import annotations
@@ -10,32 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .bank import FrameBank
-from .cache import AnomalyStats, DySinkCache, SinkLayerStats
+from .cache import DySinkCache
 from .config import DySinkConfig
-from .ops import (
-    SinkAttnStats,
-    apply_wan_rope,
-    gathered_sink_attention,
-    rotate_temporal,
-    select_sinks,
-    sink_gate,
-)
-
-__all__ = [
-    "AnomalyStats",
-    "DySinkCache",
-    "DySinkConfig",
-    "FrameBank",
-    "SinkAttention",
-    "SinkAttnStats",
-    "SinkLayerStats",
-    "apply_wan_rope",
-    "gathered_sink_attention",
-    "rotate_temporal",
-    "select_sinks",
-    "sink_gate",
-]
 
 
 class SinkAttention(nn.Module):

@@ -13,6 +13,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def op_backends(op: str) -> list[str]:
+    """The backends of ``op`` usable on CPU tensors here (triton through the interpreter,
+    csrc when the extension is built): what every per-op test runs over."""
+    from dysink_kernels import available_backends
+
+    return available_backends(op, "cpu")
+
+
 # Tolerances against an fp64 reference, by input dtype (max abs error on O(1) data).
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
 

@@ -38,8 +38,8 @@ def test_demo_mean_key_batch2(tmp_path, capsys):
 def test_info_json(capsys):
     assert main(["info", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["torch"] and "gathered_attention" in data["backends"]
-    assert "naive" in data["backends"]["gathered_attention"]["cpu"]
+    assert data["torch"] and "gathered_sink_attention" in data["backends"]
+    assert "naive" in data["backends"]["gathered_sink_attention"]["cpu"]
 
 
 def test_demo_prompt_switch(tmp_path, capsys):

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from dysink_kernels import DySinkCache, DySinkConfig, SinkAttention, available_backends
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-OPS = ("gathered_attention", "select_sinks", "sink_gate", "gate_from_means", "bank_insert")
+OPS = ("gathered_sink_attention", "select_sinks", "sink_gate", "gate_from_means", "bank_insert")
 
 
 def backends_for_module() -> list[str]:
@@ -131,7 +131,7 @@ def _opcheck_inputs():
         r(L, B, N, H, D), r(L, B, N, H, D), torch.tensor([4, 5, 6], device=DEVICE), r(B, 8),
         torch.tensor(3, device=DEVICE), C, C, 0.95,
     )  # fmt: skip
-    return {"gathered_attention": attn, "select_sinks": select, "sink_gate": gate,
+    return {"gathered_sink_attention": attn, "select_sinks": select, "sink_gate": gate,
             "gate_from_means": means, "bank_insert": insert}  # fmt: skip
 
 

@@ -8,7 +8,9 @@ import torch
 from dysink_kernels import DySinkCache
 from dysink_kernels._backends import triton_available
 from dysink_kernels.fp8 import FP8_DTYPE, quantize
-from dysink_kernels.ops.gathered_sink_attention import gathered_attention
+from dysink_kernels.ops.gathered_sink_attention import (
+    gathered_sink_attention_general as gathered_attention,
+)
 
 from harness import features, module_factory, run, tiny_config
 

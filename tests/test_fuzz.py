@@ -164,7 +164,7 @@ def _run(group: str) -> None:  # pragma: no cover - runs in the subprocess
         kl = None if k_len is None else torch.tensor(k_len[:B] + [Sk] * (B - len(k_len)))
         rot = randn(g, B, n) * 8 if rotate else None
         against_naive(
-            "gathered_attention", dk.gathered_sink_attention, dtype, q, k, v, pk, pv, slot_idx,
+            "gathered_sink_attention", dk.gathered_sink_attention, dtype, q, k, v, pk, pv, slot_idx,
             k_len=kl, softmax_scale=scale, return_stats=stats, slot_rotate=rot,
         )  # fmt: skip
 

@@ -17,7 +17,13 @@ from dysink_kernels import DySinkCache, DySinkConfig, SinkAttention, available_b
 
 from harness import compare, features, module_factory, run, tiny_config
 
-MODULE_OPS = ("gathered_attention", "select_sinks", "sink_gate", "gate_from_means", "bank_insert")
+MODULE_OPS = (
+    "gathered_sink_attention",
+    "select_sinks",
+    "sink_gate",
+    "gate_from_means",
+    "bank_insert",
+)
 
 
 def check_invariants(cache: DySinkCache, layer: int) -> None:

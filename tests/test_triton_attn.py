@@ -7,7 +7,9 @@ import torch
 
 from dysink_kernels import gathered_sink_attention
 from dysink_kernels._backends import triton_available
-from dysink_kernels.ops.gathered_sink_attention import gathered_attention
+from dysink_kernels.ops.gathered_sink_attention import (
+    gathered_sink_attention_general as gathered_attention,
+)
 
 pytestmark = pytest.mark.skipif(
     not triton_available(torch.device("cuda" if torch.cuda.is_available() else "cpu")),

@@ -1,15 +1,8 @@
-"""The package's ops, one folder each: ``naive.py`` (oracle), backends, ``op.py`` (public)."""
+"""The package's ops, one folder each, named as the op and its public function.
 
-from .gathered_sink_attention import SinkAttnStats, gathered_sink_attention
-from .rope import apply_wan_rope, rotate_temporal
-from .select_sinks import select_sinks
-from .sink_gate import sink_gate
-
-__all__ = [
-    "SinkAttnStats",
-    "apply_wan_rope",
-    "gathered_sink_attention",
-    "rotate_temporal",
-    "select_sinks",
-    "sink_gate",
-]
+Each folder holds ``naive.py`` (the plain PyTorch oracle), one file per other backend
+(``sdpa.py``, ``triton.py``, ``csrc.py``) and ``op.py``: the argument checks, the
+``torch.library`` custom op with its fake, and the one resolution of ``backend``.
+Ops and backends import neither the cache, nor the tools, nor another op's oracle.
+The public names are exported by ``dysink_kernels`` itself.
+"""

@@ -1,60 +1,45 @@
-"""Dispatch of the bank insert (used by FrameBank; not a user-facing op)."""
+"""bank_insert: the custom op behind ``FrameBank`` (not a user-facing op).
+
+``torch.ops.dysink.bank_insert`` (:data:`bank_insert`) inserts one block per sample
+into the bank in place: it copies the block's K/V into the chosen slot, writes its
+mean keys, feature, owner, frame and stamp, with dedup and FIFO slot choice on the
+device (``naive.py`` gives the exact meaning and shapes). It resolves ``backend``
+once per call; a call with no sample inserts nothing and reaches no backend.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from ... import _library  # noqa: F401  (registers torch.ops.dysink.*)
-from ..._backends import csrc_available, triton_available
-from ..._registry import register_backend, resolve_backend
+from ..._registry import define_op, register_backend
 
 OP_NAME = "bank_insert"
 
-register_backend(
+for _name in ("naive", "triton", "csrc"):
+    register_backend(OP_NAME, _name, f"{__package__}.{_name}:bank_insert_{_name}")
+
+
+def _outputs(feature: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(stored (B,) bool, slot (B,) int64)`` buffers, ``B = feature.shape[0]``."""
+    B = feature.shape[0]
+    return (
+        torch.zeros(B, dtype=torch.bool, device=device),
+        torch.zeros(B, dtype=torch.int64, device=device),
+    )
+
+
+def _call(fn, a) -> tuple[torch.Tensor, torch.Tensor]:
+    if a.feature.shape[0] == 0:  # no sample: nothing stored
+        return _outputs(a.feature, a.feature.device)
+    return fn(*a[:-1])
+
+
+bank_insert = define_op(
     OP_NAME,
-    "naive",
-    "dysink_kernels.ops.bank_insert.naive:bank_insert_naive",
-    priority={"*": 0},
+    "(Tensor(a!) pool_k, Tensor(b!) pool_v, Tensor(c!) pool_mean_k, Tensor(d!) slot_feat, "
+    "Tensor(e!) slot_owner, Tensor(f!) slot_frame, Tensor(g!) slot_stamp, Tensor(h!) clock, "
+    "Tensor src_k, Tensor src_v, Tensor src_pos, Tensor feature, Tensor frame, "
+    'int slots_per_sample, int limit, float? dedup, str backend="auto") -> (Tensor, Tensor)',
+    fake=lambda a: _outputs(a.feature, a.feature.device),
+    call=_call,
 )
-register_backend(
-    "bank_insert",
-    "triton",
-    "dysink_kernels.ops.bank_insert.triton:bank_insert_triton",
-    available=triton_available,
-    priority={"cuda": 10},
-)
-register_backend(
-    "bank_insert",
-    "csrc",
-    "dysink_kernels.ops.bank_insert.csrc:bank_insert_csrc",
-    available=csrc_available,
-    priority={"cuda": 5, "cpu": 5},
-)
-
-
-def bank_insert(
-    pool_k: torch.Tensor,
-    pool_v: torch.Tensor,
-    pool_mean_k: torch.Tensor,
-    slot_feat: torch.Tensor,
-    slot_owner: torch.Tensor,
-    slot_frame: torch.Tensor,
-    slot_stamp: torch.Tensor,
-    clock: torch.Tensor,
-    src_k: torch.Tensor,
-    src_v: torch.Tensor,
-    src_pos: torch.Tensor,
-    feature: torch.Tensor,
-    frame: torch.Tensor,
-    slots_per_sample: int,
-    limit: int,
-    dedup: float | None,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resolve ``backend`` for the pool's device and run the insert (see ``naive.py``)."""
-    name, _ = resolve_backend(OP_NAME, backend, pool_k.device)
-    return torch.ops.dysink.bank_insert(
-        pool_k, pool_v, pool_mean_k, slot_feat, slot_owner, slot_frame, slot_stamp, clock,
-        src_k, src_v, src_pos, feature, frame, slots_per_sample, limit,
-        None if dedup is None else float(dedup), name,
-    )  # fmt: skip

@@ -12,11 +12,11 @@ The general form attends three segments of keys for each sample ``b``:
 * current keys: ``cur_k[b]`` in full (optional).
 
 Options: ``slot_delta (B, n)`` re-positions each slot's keys by that many frames
-(``rotate_temporal``, the stored bank is not touched); ``pool_k_scale/pool_v_scale
-(P, H)`` dequantise an fp8 bank (value = stored * scale).
+(the temporal RoPE turn of ``rotate_temporal``; the stored bank is not touched);
+``pool_k_scale/pool_v_scale (P, H)`` dequantise an fp8 bank (value = stored * scale).
 
-The public op (``gathered_sink_attention``) uses one local range ``[0, k_len)``
-and no current keys; ``DySinkCache`` uses all three (static sinks and the
+The public function (``gathered_sink_attention``) uses one local range
+``[0, k_len)`` and no current keys; ``DySinkCache`` uses all three (static sinks and the
 window ring as ranges of its local buffer, the call's own keys as current).
 """
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ..rope.naive import rotate_temporal_naive
+from ..rope.tables import rotate_pairs, temporal_cos_sin
 from .common import SinkAttnStats
 
 # Score-matrix budget per query chunk (elements of fp32), keeps the oracle usable
@@ -71,7 +71,8 @@ def gather_keys(
             gv = gv.float() * pool_v_scale.index_select(0, flat).view(B, n, 1, H, 1)
             gk, gv = gk.to(q.dtype), gv.to(q.dtype)  # as the kernel feeds its dot
         if slot_delta is not None:  # re-positioned sinks: turn the temporal RoPE pairs
-            gk = rotate_temporal_naive(gk.float(), slot_delta.float()[..., None], rope_theta)
+            cos, sin = temporal_cos_sin(slot_delta.float()[..., None], D, rope_theta, q.device)
+            gk = rotate_pairs(gk.float(), cos, sin)
         gk = gk.reshape(B, n * S_e, H, D)
         gv = gv.reshape(B, n * S_e, H, D)
     else:
@@ -110,7 +111,7 @@ def gathered_attention_naive(
     pool_k_scale: torch.Tensor | None = None,
     pool_v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SinkAttnStats | None]:
-    B, Sq, H, D = q.shape
+    B, Sq, H, _ = q.shape
     S_e = pool_k.shape[1]
     n = slot_idx.shape[1]
     device = q.device
@@ -122,7 +123,7 @@ def gathered_attention_naive(
     n_keys = keys.shape[1]
     n_slot_keys = n * S_e
 
-    out = torch.empty(B, Sq, H, D, dtype=q.dtype, device=device)
+    out = torch.empty_like(q)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=device)
     entropy = torch.empty(B, H, Sq, dtype=torch.float32, device=device)
     mass = torch.zeros(B, H, n, dtype=torch.float32, device=device)

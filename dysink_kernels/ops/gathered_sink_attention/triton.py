@@ -74,7 +74,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..rope.naive import wan_rope_freqs
+from ..rope.tables import wan_rope_freqs
 from .common import SinkAttnStats
 
 LOG2E = 1.4426950408889634
@@ -579,7 +579,7 @@ def gathered_attention_triton(
     pool_v_scale: torch.Tensor | None = None,
     config: KernelConfig | None = None,
 ) -> tuple[torch.Tensor, SinkAttnStats | None]:
-    """Triton backend of ``gathered_attention`` (see ``naive.py`` for the semantics)."""
+    """Triton backend of ``gathered_sink_attention`` (see ``naive.py`` for the semantics)."""
     B, Sq, H, D = q.shape
     quant = pool_k_scale is not None
     if quant:  # fp8 bank: the kernel reads its bytes and decodes them

@@ -1,4 +1,8 @@
-"""Public Wan 3D RoPE helpers and their dispatch."""
+"""apply_wan_rope and rotate_temporal: argument checks and one backend resolution.
+
+Plain PyTorch (``naive.py``, on ``tables.py``): ``torch.compile`` traces them
+directly, so they need no custom op.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,8 @@ import torch
 from ..._registry import register_backend, resolve_backend
 from ..._validate import check_tensor
 
-register_backend(
-    "apply_wan_rope", "naive", "dysink_kernels.ops.rope.naive:apply_wan_rope_naive",
-    priority={"*": 0},
-)  # fmt: skip
-register_backend(
-    "rotate_temporal", "naive", "dysink_kernels.ops.rope.naive:rotate_temporal_naive",
-    priority={"*": 0},
-)  # fmt: skip
+for _op in ("apply_wan_rope", "rotate_temporal"):
+    register_backend(_op, "naive", f"{__package__}.naive:{_op}_naive")
 
 
 def apply_wan_rope(

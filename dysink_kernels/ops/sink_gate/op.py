@@ -1,17 +1,23 @@
-"""Public entry point of sink_gate (DESIGN 3.3) and its dispatch."""
+"""sink_gate and gate_from_means: argument checks, the custom ops, one backend resolution.
+
+:func:`sink_gate` (public) checks its arguments and runs ``torch.ops.dysink.sink_gate``
+(:data:`sink_gate_op`). ``torch.ops.dysink.gate_from_means`` (:data:`gate_from_means`)
+is the same vote on precomputed means, which ``DySinkCache`` keeps as running key sums
+of its window; the cache calls it directly (its inputs are trusted). Each op resolves
+``backend`` once per call and answers empty problems itself.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from ... import _library  # noqa: F401  (registers torch.ops.dysink.*)
-from ..._backends import csrc_available, triton_available
-from ..._registry import register_backend, resolve_backend
+from ..._registry import define_op, register_backend
 from ..._validate import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_dim,
     check_index_range,
+    check_prefix_len,
     check_same_dtype,
     check_tensor,
 )
@@ -19,66 +25,55 @@ from ..._validate import (
 OP_NAME = "sink_gate"
 SCOPES = ("batch", "sample")
 
-register_backend(
+for _name in ("naive", "triton", "csrc"):
+    register_backend(OP_NAME, _name, f"{__package__}.{_name}:sink_gate_{_name}")
+register_backend("gate_from_means", "naive", f"{__package__}.naive:gate_from_means")
+for _name in ("triton", "csrc"):
+    register_backend("gate_from_means", _name, f"{__package__}.{_name}:gate_from_means_{_name}")
+
+
+def _fake(a) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(a.slot_idx), a.slot_idx.new_empty(a.slot_idx.shape, dtype=torch.float32)
+
+
+def _nothing_to_judge(a) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Every slot kept with ratio 0 when there is no slot, sample or head."""
+    B, n = a.slot_idx.shape
+    if B * n * a.slot_mean_k.shape[1] * a.slot_mean_k.shape[0] != 0:
+        return None
+    ratio = torch.zeros((B, n), dtype=torch.float32, device=a.slot_idx.device)
+    return a.slot_idx.clone(), ratio
+
+
+def _call(fn, a) -> tuple[torch.Tensor, torch.Tensor]:
+    """Refuse head_dim 0; answer empty problems (no slot, sample, head or query)."""
+    if a.q.shape[3] == 0:
+        raise ValueError(f"q.shape[3] (head_dim) must be > 0, got shape {tuple(a.q.shape)}")
+    empty = _nothing_to_judge(a)
+    if empty is None and a.q.shape[1] == 0:  # no query: no head votes
+        empty = a.slot_idx.clone(), torch.zeros(a.slot_idx.shape, device=a.slot_idx.device)
+    return fn(*a[:-1]) if empty is None else empty
+
+
+def _call_means(fn, a) -> tuple[torch.Tensor, torch.Tensor]:
+    empty = _nothing_to_judge(a)
+    return fn(*a[:-1]) if empty is None else empty
+
+
+_SCOPE_ARGS = 'float tau=0.8, str scope="batch", str backend="auto") -> (Tensor, Tensor)'
+sink_gate_op = define_op(
     OP_NAME,
-    "naive",
-    "dysink_kernels.ops.sink_gate.naive:sink_gate_naive",
-    priority={"*": 0},
+    "(Tensor q, Tensor k, Tensor slot_mean_k, Tensor slot_idx, Tensor k_len, " + _SCOPE_ARGS,
+    fake=_fake,
+    call=_call,
 )
-register_backend(
+# ``qbar, kbar_local (B, H, D)`` fp32 mean query and mean window key per head.
+gate_from_means = define_op(
     "gate_from_means",
-    "naive",
-    "dysink_kernels.ops.sink_gate.naive:gate_from_means",
-    priority={"*": 0},
+    "(Tensor qbar, Tensor kbar_local, Tensor slot_mean_k, Tensor slot_idx, " + _SCOPE_ARGS,
+    fake=_fake,
+    call=_call_means,
 )
-register_backend(
-    "sink_gate",
-    "triton",
-    "dysink_kernels.ops.sink_gate.triton:sink_gate_triton",
-    available=triton_available,
-    priority={"cuda": 10},
-)
-register_backend(
-    "sink_gate",
-    "csrc",
-    "dysink_kernels.ops.sink_gate.csrc:sink_gate_csrc",
-    available=csrc_available,
-    priority={"cuda": 5, "cpu": 5},
-)
-register_backend(
-    "gate_from_means",
-    "triton",
-    "dysink_kernels.ops.sink_gate.triton:gate_from_means_triton",
-    available=triton_available,
-    priority={"cuda": 10},
-)
-register_backend(
-    "gate_from_means",
-    "csrc",
-    "dysink_kernels.ops.sink_gate.csrc:gate_from_means_csrc",
-    available=csrc_available,
-    priority={"cuda": 5, "cpu": 5},
-)
-
-
-def gate_from_means(
-    qbar: torch.Tensor,
-    kbar_local: torch.Tensor,
-    slot_mean_k: torch.Tensor,
-    slot_idx: torch.Tensor,
-    tau: float,
-    scope: str,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gate's vote on precomputed means (``qbar``, ``kbar_local``: ``(B, H, D)`` fp32).
-
-    Used by ``DySinkCache``, which keeps running key sums of its window instead of
-    re-reading it; unchecked.
-    """
-    name, _ = resolve_backend("gate_from_means", backend, qbar.device)
-    return torch.ops.dysink.gate_from_means(
-        qbar, kbar_local, slot_mean_k, slot_idx, float(tau), scope, name
-    )
 
 
 def check_tau_scope(tau: float, scope: str) -> None:
@@ -86,21 +81,6 @@ def check_tau_scope(tau: float, scope: str) -> None:
         raise ValueError(f"tau must be a number in [0, 1], got {tau!r}")
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-
-
-def sink_gate_impl(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    slot_mean_k: torch.Tensor,
-    slot_idx: torch.Tensor,
-    k_len: torch.Tensor,
-    tau: float,
-    scope: str,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unchecked dispatch, for callers that built the inputs themselves."""
-    name, _ = resolve_backend(OP_NAME, backend, q.device)
-    return torch.ops.dysink.sink_gate(q, k, slot_mean_k, slot_idx, k_len, float(tau), scope, name)
 
 
 def sink_gate(
@@ -155,12 +135,8 @@ def sink_gate(
     check_tensor(slot_idx, "slot_idx", 2, INDEX_DTYPES, device=device)
     check_dim(slot_idx, "slot_idx", 0, B, "batch")
     check_tau_scope(tau, scope)
-    Sk = k.shape[1]
-    if k_len is None:
-        k_len = torch.full((B,), Sk, dtype=torch.int32, device=device)
-    else:
-        check_tensor(k_len, "k_len", 1, INDEX_DTYPES, device=device)
-        check_dim(k_len, "k_len", 0, B, "batch")
-        check_index_range(k_len, "k_len", 0, Sk)
+    k_len = check_prefix_len(k_len, k, device)
     check_index_range(slot_idx, "slot_idx", -1, slot_mean_k.shape[0] - 1)
-    return sink_gate_impl(q, k, slot_mean_k, slot_idx, k_len, tau, scope, backend)
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    return sink_gate_op(q, k, slot_mean_k, slot_idx, k_len, float(tau), scope, backend)
