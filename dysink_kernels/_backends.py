@@ -37,6 +37,7 @@ AUTO: dict[str, dict[str, tuple[str, ...]]] = {
         "select_sinks": ("triton", "csrc"),
         "sink_gate": ("triton", "csrc"),
         "gate_from_means": ("triton", "csrc"),
+        "gate_votes": ("triton", "csrc", "torch"),
         "bank_insert": ("triton", "csrc"),
     },
     "cpu": {
@@ -44,6 +45,7 @@ AUTO: dict[str, dict[str, tuple[str, ...]]] = {
         "select_sinks": ("csrc",),
         "sink_gate": ("csrc",),
         "gate_from_means": ("csrc",),
+        "gate_votes": ("csrc", "torch"),
         "bank_insert": ("csrc",),
     },
 }

@@ -37,7 +37,6 @@ from .health import (
 from .ops.gathered_sink_attention import SinkAttnStats, gathered_sink_attention_general
 from .ops.rope import rotate_temporal
 from .ops.select_sinks import select_sinks_op
-from .ops.select_sinks.naive import select_sinks_naive
 from .recache import Recacher
 
 if TYPE_CHECKING:
@@ -283,12 +282,8 @@ class DySinkCache:
             ex_lo = cur - l_eff if c.exclude == "reference" else torch.minimum(lo, cur)
             args = (self.recent_feat, self.bank.feature, self.bank.owner, self.bank.frame,
                     c.top_k, ex_lo, cur.expand(B), s)  # fmt: skip
-            if c.relevance_mix > 0:
-                slot, score = select_sinks_naive(
-                    *args, slot_prior=self._usage_prior(), prior_mix=c.relevance_mix
-                )
-            else:
-                slot, score = select_sinks_op(*args, backend=self.backend)
+            prior = self._usage_prior() if c.relevance_mix > 0 else None
+            slot, score = select_sinks_op(*args, prior, c.relevance_mix, backend=self.backend)
             self.slot_idx.copy_(slot)
             self.slot_score.copy_(score)
 

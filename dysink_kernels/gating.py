@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from .ops.gathered_sink_attention import SinkAttnStats
-from .ops.sink_gate import gate_from_means
-from .ops.sink_gate.naive import decide_from_votes, gate_votes
+from .ops.sink_gate import gate_from_means, gate_votes
+from .ops.sink_gate.votes import decide_from_votes
 
 if TYPE_CHECKING:
     from .cache import DySinkCache
@@ -133,9 +133,11 @@ class SinkGate:
             n = slots.shape[1] if gate_slots else 0
             votes = torch.zeros(B, n + int(gate_sinks), device=cache.device)
             if gate_slots:
-                votes[:, :n] = gate_votes(qbar, kbar_local, mean_table, vote_slots)
+                votes[:, :n] = gate_votes(qbar, kbar_local, mean_table, vote_slots, cache.backend)
             if gate_sinks:
-                votes[:, n:] = gate_votes(qbar, kbar_local, sink_mean, cache._sink_slots)
+                votes[:, n:] = gate_votes(
+                    qbar, kbar_local, sink_mean, cache._sink_slots, cache.backend
+                )
             votes = cache.parallel.all_reduce_sum(votes)
             heads = cache.parallel.total_heads
             if gate_slots:

@@ -115,6 +115,8 @@ def _opcheck_inputs():
         i32([0, 0]),
         i32([3, 3]),
         0,
+        None,
+        0.0,
     )
     gate = (r(B, Sq, H, D), r(B, N, H, D), r(P, H, D), i32([[0, 2], [1, -1]]), i32([9, 4]), 0.5,
             "batch")  # fmt: skip

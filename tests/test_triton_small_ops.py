@@ -80,10 +80,15 @@ def test_select_empty_foreign_and_k_edges():
     lo = hi = i32([0, 0, 0])
     empty = i32([-1] * P)
     foreign = i32([5] * P)  # a sample that is not in the batch
-    for owner in (empty, foreign):
-        for k in (0, 1, 16):
-            slots, score = both_select(qf, sf, owner, frame, k, lo, hi)
-            assert (slots == -1).all() and (score == float("-inf")).all()
+    for k in (0, 1, 16):
+        slots, score = both_select(qf, sf, owner=empty, frame=frame, k=k, lo=lo, hi=hi)
+        assert (slots == -1).all() and (score == float("-inf")).all()
+    # The public op refuses an owner outside the batch; the kernel itself ignores it.
+    with pytest.raises(IndexError):
+        select_sinks(qf, sf, foreign, frame, k=1, exclude_lo=lo, exclude_hi=hi, backend="triton")
+    for k in (1, P):
+        slots, score = both_select_prior(qf, sf, foreign, frame, k, lo, hi, 0, None, 0.0)
+        assert (slots == -1).all() and (score == float("-inf")).all()
     owner = i32([1] * P)  # all slots belong to sample 1
     for k in (0, 5, 11, 16):  # k up to larger than the candidates
         slots, _ = both_select(qf, sf, owner, frame, k, lo, hi)

@@ -14,7 +14,14 @@ import dysink_kernels
 from dysink_kernels import _backends, available_backends
 from dysink_kernels._registry import registered_ops, resolve_backend
 
-OPS = ("gathered_sink_attention", "select_sinks", "sink_gate", "gate_from_means", "bank_insert")
+OPS = (
+    "gathered_sink_attention",
+    "select_sinks",
+    "sink_gate",
+    "gate_from_means",
+    "gate_votes",
+    "bank_insert",
+)
 
 
 def test_naive_everywhere_and_auto_resolves_on_cpu():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dysink_kernels import sink_gate
-from dysink_kernels.ops.sink_gate import gate_from_means
+from dysink_kernels.ops.sink_gate import gate_from_means, gate_votes
 
 from conftest import op_backends
 
@@ -213,3 +213,46 @@ def test_sink_gate_bad_input(key, val, exc, needle):
     with pytest.raises(exc) as info:
         sink_gate(a.pop("q"), a.pop("k"), a.pop("slot_mean_k"), a.pop("slot_idx"), **a)
     assert needle in str(info.value), str(info.value)
+
+
+VOTES_BACKENDS = op_backends("gate_votes")
+
+
+def votes_args(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    B, H, D, P = 3, 5, 8, 6
+    qbar, kbar = torch.randn(B, H, D, generator=g), torch.randn(B, H, D, generator=g)
+    means = torch.randn(P, H, D, generator=g)
+    slots = torch.tensor([[0, 3], [5, -1], [-1, -1]], dtype=torch.int32)
+    return qbar, kbar, means, slots
+
+
+@pytest.mark.parametrize("backend", VOTES_BACKENDS)
+@pytest.mark.parametrize("seed", range(3))
+def test_gate_votes_count_heads(seed, backend):
+    """Per slot, the heads whose mean query scores the slot above the window; 0 for -1."""
+    qbar, kbar, means, slots = votes_args(seed)
+    got = gate_votes(qbar, kbar, means, slots, backend)
+    want = torch.zeros(slots.shape, dtype=torch.float32)
+    for b in range(slots.shape[0]):
+        for j in range(slots.shape[1]):
+            s = int(slots[b, j])
+            if s >= 0:
+                above = (qbar[b] * means[s]).sum(-1) > (qbar[b] * kbar[b]).sum(-1)
+                want[b, j] = float(above.sum())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", VOTES_BACKENDS)
+def test_opcheck_gate_votes(backend):
+    torch.library.opcheck(torch.ops.dysink.gate_votes.default, (*votes_args(), backend))
+
+
+@pytest.mark.parametrize("backend", VOTES_BACKENDS)
+def test_gate_votes_empty(backend):
+    qbar, kbar, means, slots = votes_args()
+    got = gate_votes(qbar[:0], kbar[:0], means, slots[:0], backend)
+    assert got.shape == (0, 2)
+    got = gate_votes(qbar, kbar, means[:0], slots, backend)
+    assert got.shape == slots.shape and (got == 0).all()

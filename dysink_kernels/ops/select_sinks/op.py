@@ -9,9 +9,6 @@ as ``k``, padding the result to ``(B, k)``.
 
 from __future__ import annotations
 
-import inspect
-from functools import cache
-
 import torch
 
 from ..._registry import define_op, register_backend
@@ -36,13 +33,6 @@ def _padding(B: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.
     return slot, torch.full((B, k), float("-inf"), dtype=torch.float32, device=device)
 
 
-@cache
-def _takes_prior(fn) -> bool:
-    # Transition: the Triton and C++ backends gain (slot_prior, prior_mix); until
-    # they do, they are called without them (and only when no prior is given).
-    return len(inspect.signature(fn).parameters) >= 10
-
-
 def _call(fn, a) -> tuple[torch.Tensor, torch.Tensor]:
     """Answer empty problems, bound the backend's ``k`` by ``P``, pad to ``(B, k)``."""
     B, M, F = a.query_feat.shape
@@ -50,16 +40,13 @@ def _call(fn, a) -> tuple[torch.Tensor, torch.Tensor]:
     k = min(a.k, P)
     if B * M * F * k == 0:  # no sample, no query row, no feature or nothing to pick
         return _padding(B, a.k, a.query_feat.device)
-    args = (*a[:4], k, *a[5:-1])
-    if not _takes_prior(fn):
-        if a.slot_prior is not None and a.prior_mix > 0:
-            raise NotImplementedError("this select_sinks backend does not take slot_prior yet")
-        args = args[:8]
-    slot, score = fn(*args)
+    slot, score = fn(*a[:4], k, *a[5:-1])
     if k == a.k:
         return slot, score
-    pad_slot, pad_score = _padding(B, a.k - k, slot.device)
-    return torch.cat([slot, pad_slot], dim=1), torch.cat([score, pad_score], dim=1)
+    slot_out, score_out = _padding(B, a.k, slot.device)
+    slot_out[:, :k] = slot
+    score_out[:, :k] = score
+    return slot_out, score_out
 
 
 def _fake(a) -> tuple[torch.Tensor, torch.Tensor]:

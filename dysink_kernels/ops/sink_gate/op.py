@@ -30,6 +30,13 @@ for _name in ("naive", "triton", "csrc"):
 register_backend("gate_from_means", "naive", f"{__package__}.naive:gate_from_means")
 for _name in ("triton", "csrc"):
     register_backend("gate_from_means", _name, f"{__package__}.{_name}:gate_from_means_{_name}")
+# Vote counts alone (head parallelism sums them across ranks before deciding): the
+# oracle, a PyTorch device implementation ("torch", for devices without a kernel)
+# and the two kernels.
+register_backend("gate_votes", "naive", f"{__package__}.naive:gate_votes")
+register_backend("gate_votes", "torch", f"{__package__}.votes:gate_votes_torch")
+for _name in ("triton", "csrc"):
+    register_backend("gate_votes", _name, f"{__package__}.{_name}:gate_votes_{_name}")
 
 
 def _fake(a) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +80,28 @@ gate_from_means = define_op(
     "(Tensor qbar, Tensor kbar_local, Tensor slot_mean_k, Tensor slot_idx, " + _SCOPE_ARGS,
     fake=_fake,
     call=_call_means,
+)
+
+
+def _fake_votes(a) -> torch.Tensor:
+    return a.slot_idx.new_empty(a.slot_idx.shape, dtype=torch.float32)
+
+
+def _call_votes(fn, a) -> torch.Tensor:
+    B, n = a.slot_idx.shape
+    if B * n * a.slot_mean_k.shape[1] * a.slot_mean_k.shape[0] == 0:
+        return torch.zeros((B, n), dtype=torch.float32, device=a.slot_idx.device)
+    return fn(*a[:-1])
+
+
+# ``(B, n)`` fp32: per retrieved slot, how many heads score it above the window
+# (``qbar . kbar(slot) > qbar . kbar_local``); ``-1`` slots get 0.
+gate_votes = define_op(
+    "gate_votes",
+    '(Tensor qbar, Tensor kbar_local, Tensor slot_mean_k, Tensor slot_idx, str backend="auto") '
+    "-> Tensor",
+    fake=_fake_votes,
+    call=_call_votes,
 )
 
 
