@@ -73,7 +73,8 @@ def _slot_rows(
 
 
 def _copy_rows(dst: torch.Tensor, src: torch.Tensor, ones: torch.Tensor) -> None:
-    """``dst (fp32) = src`` with the rows whose int32 ``ones`` word is 0 set to +0.0."""
+    """``dst (fp32) = src`` with the rows whose int32 word in ``ones`` (broadcast over
+    the trailing ``(H, D)``) is 0 set to +0.0."""
     if src.dtype == torch.float32:
         torch.bitwise_and(src.view(torch.int32), ones, out=dst.view(torch.int32))
     else:
@@ -135,37 +136,32 @@ def gathered_attention_sdpa(
     n_masked = n_slot_keys + n_local
     ws_k = torch.empty(B, n_keys, H, q.shape[3], dtype=torch.float32, device=dev)
     ws_v = torch.empty_like(ws_k)
-    keep = []
-    if n_slot_keys:
-        keep.append((slot_idx >= 0).repeat_interleave(S_e, dim=1))
-    if n_local:
-        keep.append(_ranges_mask(local_ranges, n_local))
-    keep = torch.cat(keep, dim=1) if len(keep) > 1 else keep[0] if keep else None
     # Rows not attended are copied as exact zeros, through an AND with all-zero words
     # (NaN or Inf there cannot leak into a product; kept rows pass bit for bit), and
     # their scores get _MASKED added.
-    ones = None if keep is None else keep.to(torch.int32).neg_()[:, :, None, None]
+    bias = torch.zeros(B, n_keys, dtype=torch.float32, device=dev)
     if n_slot_keys:
+        keep = slot_idx >= 0
+        ones = keep.to(torch.int32).neg_()[:, :, None, None, None]  # -1: all bits set
         flat = slot_idx.clamp(min=0).long().view(-1)
         gk = _slot_rows(q, pool_k, pool_k_scale, flat).view(B, n, S_e, H, -1)
         if slot_delta is not None:  # re-positioned slots: turn the temporal RoPE pairs
             gk = rotate_temporal(gk.float(), slot_delta.float()[..., None], rope_theta)
-        gv = _slot_rows(q, pool_v, pool_v_scale, flat)
-        sel = ones[:, :n_slot_keys]
-        _copy_rows(ws_k[:, :n_slot_keys], gk.reshape(B, n_slot_keys, H, -1), sel)
-        _copy_rows(ws_v[:, :n_slot_keys], gv.view(B, n_slot_keys, H, -1), sel)
+        gv = _slot_rows(q, pool_v, pool_v_scale, flat).view(B, n, S_e, H, -1)
+        _copy_rows(ws_k[:, :n_slot_keys].view(B, n, S_e, H, -1), gk, ones)
+        _copy_rows(ws_v[:, :n_slot_keys].view(B, n, S_e, H, -1), gv, ones)
+        bias[:, :n_slot_keys].view(B, n, S_e).masked_fill_(~keep[..., None], _MASKED)
     if n_local:
-        _copy_rows(ws_k[:, n_slot_keys:n_masked], local_k, ones[:, n_slot_keys:])
-        _copy_rows(ws_v[:, n_slot_keys:n_masked], local_v, ones[:, n_slot_keys:])
+        keep = _ranges_mask(local_ranges, n_local)
+        ones = keep.to(torch.int32).neg_()[:, :, None, None]
+        _copy_rows(ws_k[:, n_slot_keys:n_masked], local_k, ones)
+        _copy_rows(ws_v[:, n_slot_keys:n_masked], local_v, ones)
+        torch.mul(~keep, _MASKED, out=bias[:, n_slot_keys:n_masked])
     if n_cur:
         ws_k[:, n_masked:].copy_(cur_k)
         ws_v[:, n_masked:].copy_(cur_v)
-    bias = torch.zeros(B, n_keys, dtype=torch.float32, device=dev)
-    attended = None
-    if keep is not None:
-        torch.mul(~keep, _MASKED, out=bias[:, :n_masked])
-        if n_cur == 0:  # a sample with no key at all gets the empty result
-            attended = keep.any(dim=1)
+    # A sample with no key at all gets the empty result (only possible without cur_k).
+    attended = bias.amax(dim=1) == 0 if n_cur == 0 else None
 
     qs = (q.float() * (softmax_scale * _LOG2E)).transpose(1, 2)  # (B, H, Sq, D)
     keys_t = ws_k.permute(0, 2, 3, 1)  # (B, H, D, N)
