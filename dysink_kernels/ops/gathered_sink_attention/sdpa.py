@@ -72,14 +72,14 @@ def _slot_rows(
     return (rows.float() * scale.index_select(0, flat)[:, None, :, None]).to(q.dtype)
 
 
-def _copy_rows(dst: torch.Tensor, src: torch.Tensor, ones: torch.Tensor) -> None:
-    """``dst (fp32) = src`` with the rows whose int32 word in ``ones`` (broadcast over
-    the trailing ``(H, D)``) is 0 set to +0.0."""
+def _copy_rows(dst_bits: torch.Tensor, src: torch.Tensor, ones: torch.Tensor) -> None:
+    """Copy ``src`` into the fp32 workspace seen as int32 ``dst_bits``, with the rows
+    whose word in ``ones`` (broadcast over the trailing ``(H, D)``) is 0 set to +0.0."""
     if src.dtype == torch.float32:
-        torch.bitwise_and(src.view(torch.int32), ones, out=dst.view(torch.int32))
+        torch.bitwise_and(src.view(torch.int32), ones, out=dst_bits)
     else:
-        dst.copy_(src)
-        dst.view(torch.int32).bitwise_and_(ones)
+        dst_bits.view(torch.float32).copy_(src)
+        dst_bits.bitwise_and_(ones)
 
 
 def _empty_result(
@@ -136,6 +136,7 @@ def gathered_attention_sdpa(
     n_masked = n_slot_keys + n_local
     ws_k = torch.empty(B, n_keys, H, q.shape[3], dtype=torch.float32, device=dev)
     ws_v = torch.empty_like(ws_k)
+    bits_k, bits_v = ws_k.view(torch.int32), ws_v.view(torch.int32)
     # Rows not attended are copied as exact zeros, through an AND with all-zero words
     # (NaN or Inf there cannot leak into a product; kept rows pass bit for bit), and
     # their scores get _MASKED added.
@@ -148,14 +149,14 @@ def gathered_attention_sdpa(
         if slot_delta is not None:  # re-positioned slots: turn the temporal RoPE pairs
             gk = rotate_temporal(gk.float(), slot_delta.float()[..., None], rope_theta)
         gv = _slot_rows(q, pool_v, pool_v_scale, flat).view(B, n, S_e, H, -1)
-        _copy_rows(ws_k[:, :n_slot_keys].view(B, n, S_e, H, -1), gk, ones)
-        _copy_rows(ws_v[:, :n_slot_keys].view(B, n, S_e, H, -1), gv, ones)
+        _copy_rows(bits_k[:, :n_slot_keys].view(B, n, S_e, H, -1), gk, ones)
+        _copy_rows(bits_v[:, :n_slot_keys].view(B, n, S_e, H, -1), gv, ones)
         bias[:, :n_slot_keys].view(B, n, S_e).masked_fill_(~keep[..., None], _MASKED)
     if n_local:
         keep = _ranges_mask(local_ranges, n_local)
         ones = keep.to(torch.int32).neg_()[:, :, None, None]
-        _copy_rows(ws_k[:, n_slot_keys:n_masked], local_k, ones)
-        _copy_rows(ws_v[:, n_slot_keys:n_masked], local_v, ones)
+        _copy_rows(bits_k[:, n_slot_keys:n_masked], local_k, ones)
+        _copy_rows(bits_v[:, n_slot_keys:n_masked], local_v, ones)
         torch.mul(~keep, _MASKED, out=bias[:, n_slot_keys:n_masked])
     if n_cur:
         ws_k[:, n_masked:].copy_(cur_k)
