@@ -12,10 +12,12 @@ fp32, into one workspace ``[slots | local buffer | current keys]`` per call:
 
 The copy is where unattended rows are cleared: an AND with all-zero words makes them
 exact zeros (NaN or Inf there cannot reach a product; kept rows pass bit for bit),
-and their scores get ``_MASKED`` added. One workspace costs one copy of the keys and
-values and saves a product per segment (measured cheaper than writing each segment's
-scores in place); its shape depends on input shapes only, never on tensor values, so
-the call reads nothing on the host and allocates nothing data-dependent.
+and their scores get ``_MASKED`` added. The clearing needs a copy of the local buffer
+anyway; copying every segment into one workspace adds the small slot and current
+segments and leaves one product each for scores and output (measured as fast as one
+product per segment writing into place, with fewer operations per call). Its shape
+depends on input shapes only, never on tensor values: the call reads nothing on the
+host and allocates nothing data-dependent.
 
 Per sample and query block, one fp32 score matrix ``(H, Sq_block, N)`` in base-2
 units (``y = score * log2(e)``, the scale folded into ``q``; ``exp2`` is about three
