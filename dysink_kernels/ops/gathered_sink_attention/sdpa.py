@@ -36,6 +36,7 @@ A query block is sized so that the score matrix stays within ``_SCORE_ELEMS``.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -51,6 +52,29 @@ _LN2 = math.log(2.0)
 _MASKED = -1.0e30
 # Elements of one fp32 score matrix (and of its exponentials): 16 MB each.
 _SCORE_ELEMS = 1 << 22
+# Scratch memory (workspace, scores, exponentials) up to this many fp32 elements is kept
+# per thread between calls: freshly allocated buffers of a few MB come back from the OS
+# as new pages, and on the machine measured the page faults of one call cost about as
+# much as its softmax. Larger calls allocate afresh (the faults are small next to their
+# products).
+_KEPT_SCRATCH_ELEMS = 1 << 24
+
+
+class _Scratch(threading.local):
+    buf: torch.Tensor | None = None
+
+
+_SCRATCH = _Scratch()
+
+
+def _scratch(numel: int, device: torch.device) -> torch.Tensor:
+    """``numel`` fp32 elements of uninitialised scratch memory (never returned to a caller)."""
+    if numel > _KEPT_SCRATCH_ELEMS:
+        return torch.empty(numel, dtype=torch.float32, device=device)
+    buf = _SCRATCH.buf
+    if buf is None or buf.numel() < numel or buf.device != device:
+        buf = _SCRATCH.buf = torch.empty(numel, dtype=torch.float32, device=device)
+    return buf[:numel]
 
 
 def _ranges_mask(local_ranges: torch.Tensor, n_tokens: int) -> torch.Tensor:
@@ -136,8 +160,12 @@ def gathered_attention_sdpa(
     # is where unused rows are cleared (below). The shape depends on shapes only.
     dev = q.device
     n_masked = n_slot_keys + n_local
-    ws_k = torch.empty(B, n_keys, H, q.shape[3], dtype=torch.float32, device=dev)
-    ws_v = torch.empty_like(ws_k)
+    chunk = max(1, min(Sq, _SCORE_ELEMS // (H * n_keys)))
+    ws_shape = (B, n_keys, H, q.shape[3])
+    ws_elems, s_elems = math.prod(ws_shape), H * chunk * n_keys
+    scratch = _scratch(2 * ws_elems + 2 * s_elems, dev)
+    ws_k, ws_v = (t.view(ws_shape) for t in scratch[: 2 * ws_elems].chunk(2))
+    s_buf, e_buf = scratch[2 * ws_elems :].chunk(2)
     bits_k, bits_v = ws_k.view(torch.int32), ws_v.view(torch.int32)
     # Rows not attended are copied as exact zeros, through an AND with all-zero words
     # (NaN or Inf there cannot leak into a product; kept rows pass bit for bit), and
@@ -174,14 +202,14 @@ def gathered_attention_sdpa(
     lse = torch.empty(B, H, Sq, 1, dtype=torch.float32, device=dev)
     entropy = torch.empty(B, H, Sq, 1, dtype=torch.float32, device=dev)
     mass = torch.zeros(B, H, n, dtype=torch.float32, device=dev)
-    chunk = max(1, _SCORE_ELEMS // (H * n_keys))
     for b in range(B):
         for q0 in range(0, Sq, chunk):
             q1 = min(Sq, q0 + chunk)
             # Scores in base-2 units with the bias added by the product's epilogue.
-            s = torch.baddbmm(bias[b], qs[b, :, q0:q1], keys_t[b])  # (H, c, N)
+            s = s_buf[: H * (q1 - q0) * n_keys].view(H, q1 - q0, n_keys)
+            torch.baddbmm(bias[b], qs[b, :, q0:q1], keys_t[b], out=s)
             m = s.amax(dim=-1, keepdim=True)
-            e = torch.exp2(s.sub_(m))
+            e = torch.exp2(s.sub_(m), out=e_buf[: s.numel()].view(s.shape))
             l = e.sum(dim=-1, keepdim=True)  # noqa: E741  (the softmax normaliser)
             torch.div(torch.bmm(e, values[b]), l, out=out_h[b, :, q0:q1])
             if not return_stats:
