@@ -80,9 +80,9 @@ def csrc_available(device: torch.device) -> bool:
 
 
 def sdpa_available(device: torch.device) -> bool:
-    return device.type == "cpu" and hasattr(
-        torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"
-    )
+    # Plain PyTorch matrix products on CPU tensors (the name is historical: the
+    # backend no longer calls scaled_dot_product_attention).
+    return device.type == "cpu"
 
 
 # Availability by backend name: every op's backend of that name runs where this says.

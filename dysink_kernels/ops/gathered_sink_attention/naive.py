@@ -142,7 +142,7 @@ def gathered_attention_naive(
             ps = (p * s.masked_fill(~mask, 0.0)).sum(-1)
             entropy[..., q0 : q0 + chunk] = torch.where(attended, lse_c - ps, 0.0)
             if n > 0:
-                per_slot = p[..., :n_slot_keys].reshape(B, H, -1, n, S_e).sum(-1)
+                per_slot = p[..., :n_slot_keys].reshape(B, H, p.shape[2], n, S_e).sum(-1)
                 mass += per_slot.sum(2)
     if not return_stats:
         return out, None
