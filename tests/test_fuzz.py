@@ -9,8 +9,7 @@ calls on ``backend="naive"``. Shapes include zeros, dtypes vary, slot lists hold
 Values are seeded normal draws (ties have probability 0; all-zero inputs tie the same
 way on every backend). Run one group by hand: ``python tests/test_fuzz.py attention``
 (``DYSINK_FUZZ_SKIP=op:backend,...`` skips backends to explore past a crash,
-``DYSINK_FUZZ_EXPLORE=1`` prints every failing case instead of stopping at the first,
-``DYSINK_FUZZ_STRICT=1`` includes the cases of ``KNOWN_OPEN``).
+``DYSINK_FUZZ_EXPLORE=1`` prints every failing case instead of stopping at the first).
 """
 
 from __future__ import annotations
@@ -23,14 +22,6 @@ import sys
 import pytest
 
 DOCUMENTED = (ValueError, TypeError, IndexError, RuntimeError)
-# Found by this fuzz, fixed at the op boundary separately; skipped unless
-# DYSINK_FUZZ_STRICT=1 (delete these skips once the fixes are in):
-# - gathered_sink_attention with H=0 on the sdpa backend dies by SIGFPE;
-# - gathered_sink_attention with D=0: ZeroDivisionError computing 1/sqrt(D);
-# - sink_gate with H=0 (scope="sample") on triton: ZeroDivisionError in the launcher;
-# - sink_gate with B=0 (scope="batch"): the naive backend raises IndexError, the
-#   others return empty results.
-KNOWN_OPEN = "gathered_sink_attention H=0 or D=0; sink_gate B=0 or H=0"
 GROUPS = ("attention", "small_ops", "rope", "cache")
 EXAMPLES = {"attention": 60, "small_ops": 80, "rope": 40, "cache": 25}
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -102,12 +93,6 @@ def _run(group: str) -> None:  # pragma: no cover - runs in the subprocess
 
     explore = os.environ.get("DYSINK_FUZZ_EXPLORE") == "1"
     skip = os.environ.get("DYSINK_FUZZ_SKIP", "").split(",")
-    strict = os.environ.get("DYSINK_FUZZ_STRICT") == "1"
-
-    def known_open(**sizes) -> bool:
-        """Empty problems whose fixes at the op boundary are pending (KNOWN_OPEN);
-        ``DYSINK_FUZZ_STRICT=1`` runs them too."""
-        return not strict and any(sizes[name] == 0 for name in sizes)
 
     def against_naive(op: str, fn, dtype, *args, **kw):
         for backend in available_backends(op, "cpu"):
@@ -153,8 +138,6 @@ def _run(group: str) -> None:  # pragma: no cover - runs in the subprocess
     )  # fmt: skip
     def attention(B, Sq, H, D, Sk, P, S_e, n, dtype, seed, slots, k_len, stats, rotate, zero,
                   scale):  # fmt: skip
-        if known_open(H=H, D=D):
-            return
         g = torch.Generator().manual_seed(seed)
         q = randn(g, B, Sq, H, D, dtype=dtype, zero=zero)
         k, v = randn(g, B, Sk, H, D, dtype=dtype), randn(g, B, Sk, H, D, dtype=dtype)
@@ -201,8 +184,6 @@ def _run(group: str) -> None:  # pragma: no cover - runs in the subprocess
         seed=st.integers(0, 2**16), zero=st.booleans(),
     )  # fmt: skip
     def gate(B, Sq, Sk, H, D, P, n, slots, k_len, tau, scope, dtype, seed, zero):
-        if known_open(B=B, H=H):
-            return
         g = torch.Generator().manual_seed(seed)
         q, k = randn(g, B, Sq, H, D, dtype=dtype, zero=zero), randn(g, B, Sk, H, D, dtype=dtype)
         means = randn(g, P, H, D)
