@@ -43,10 +43,9 @@ class _RecacheTarget:
 class _WindowTarget:
     """One forward that re-encodes the window's frames ``[first, first + n)`` jointly."""
 
-    def __init__(self, first: int, batch: int, *, new_sinks: bool, block_causal: bool) -> None:
+    def __init__(self, first: int, batch: int, *, block_causal: bool) -> None:
         self.first = first
         self.samples = list(range(batch))
-        self.new_sinks = new_sinks
         self.block_causal = block_causal
         self.layers: set[int] = set()
 
@@ -193,7 +192,7 @@ class Recacher:
         if window == "joint" and n > 0:
             rows = [self.latent_row(b) for b in range(lo // fpb, self.cache.frame // fpb)]
             latent = self.window_latent[:, rows].flatten(1, 2)  # (B, n, ...)
-            target = _WindowTarget(lo, self.cache.batch_size, new_sinks=False, block_causal=False)
+            target = _WindowTarget(lo, self.cache.batch_size, block_causal=False)
             self._run(run_block, latent, [lo], target)
             count += 1
         return count
@@ -221,7 +220,7 @@ class Recacher:
             if layer in t.layers:
                 raise RuntimeError(f"recache: layer {layer} was called twice for one window")
             out = self.rewrite_window(
-                layer, q, k, v, t.first, new_sinks=t.new_sinks, block_causal=t.block_causal
+                layer, q, k, v, t.first, sinks="apart", block_causal=t.block_causal
             )
             t.layers.add(layer)
             return out
@@ -260,7 +259,7 @@ class Recacher:
         v: torch.Tensor,
         first: int,
         *,
-        new_sinks: bool = False,
+        sinks: str = "apart",
         block_causal: bool = False,
     ) -> torch.Tensor:
         """Re-encode frames ``[first, first + n)`` (``k: (B, n * tokens_per_frame, H, D)``)
@@ -268,12 +267,17 @@ class Recacher:
         all ``n`` frames' keys (``block_causal``: those of its own block and before) and
         the frames' K/V overwrite the window (the newest ``ring_frames`` of them).
 
-        ``new_sinks`` (LongLive's ``sink_recache_after_switch``, its default): when
-        ``first > 0`` the first ``sink_frames`` of the range become the static sinks.
-        Without it and with ``first > 0`` the sinks keep their K/V, every query attends
-        them and the range's frames after its first ``sink_frames`` (LongLive's
-        ``global_sink=True``). Returns the attention output ``(B, Sq, H, D)``.
+        ``sinks`` says what a range that does not start at frame 0 does with the static
+        sinks: ``"apart"`` (the package's recache: the range is window frames, which
+        attend each other only; the sinks are recached by themselves), ``"replace"``
+        (LongLive's ``sink_recache_after_switch``, its default): the first
+        ``sink_frames`` of the range become the static sinks; ``"keep"`` (LongLive's
+        ``global_sink=True``): the sinks keep their K/V, every query attends them and the
+        range's frames after its first ``sink_frames``, whose K/V are dropped.
+        Returns the attention output ``(B, Sq, H, D)``.
         """
+        if sinks not in ("apart", "replace", "keep"):
+            raise ValueError(f'sinks must be "apart", "replace" or "keep", got {sinks!r}')
         c, cache = self.cache.config, self.cache
         T, s, R, fpb = c.tokens_per_frame, c.sink_frames, c.ring_frames, c.frames_per_block
         n = k.shape[1] // T
@@ -282,7 +286,7 @@ class Recacher:
                 f"recache of the window: {k.shape[1]} tokens from frame {first} must be whole "
                 f"frames ending at the current frame {cache.frame}"
             )
-        old_sinks = s > 0 and first > 0 and not new_sinks
+        old_sinks = s > 0 and first > 0 and sinks == "keep"
         skip = s if old_sinks else 0  # leading frames whose K/V are neither attended nor kept
         own_k, own_v = k[:, skip * T :], v[:, skip * T :]
         B = k.shape[0]
@@ -312,8 +316,8 @@ class Recacher:
             out = attend(q, own_k.shape[1])
         for i in range(n):
             f = first + i
-            if first > 0 and i < s:  # the range's leading frames: new sinks, or dropped
-                if not new_sinks:
+            if first > 0 and i < s and sinks != "apart":  # leading frames: new sinks, or dropped
+                if sinks == "keep":
                     continue
                 pos = i
             elif f >= s and i < n - R:  # older than the ring holds (never attended again)

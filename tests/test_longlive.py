@@ -111,7 +111,7 @@ def native(model, cfg, frames, switches, batch):
             f0 = current_start // T
             q, k = causal_rope_apply(q, grid_sizes, None, f0), causal_rope_apply(k, grid_sizes, None, f0)
             if mode["recache"] is not None:
-                out = cache.recacher.rewrite_window(layer, q, k, v, mode["recache"], new_sinks=True)
+                out = cache.recacher.rewrite_window(layer, q, k, v, mode["recache"], sinks="replace")
             else:
                 out = attn(q, k, v, cache=cache, layer=layer, commit=mode["commit"])
             return mod.o(out.flatten(2)), (current_start + s, 0, None)

@@ -367,8 +367,8 @@ class KVCacheAdapter:
         if mode == "recache":
             first = current_start // c.tokens_per_frame + self.cache.frame_shift
             out = self.cache.recacher.rewrite_window(
-                layer_idx, roped_query, roped_key, v, first, new_sinks=new_sinks,
-                block_causal=block_causal,
+                layer_idx, roped_query, roped_key, v, first,
+                sinks="replace" if new_sinks else "keep", block_causal=block_causal,
             )  # fmt: skip
         elif self.cache.block == 0 and self.cache.frame_shift:
             out = self._own_attention(roped_query, roped_key, v)
