@@ -1,4 +1,5 @@
-"""Prompt switches on a tiny diffusers Wan model: switch_prompt recaches every stored block."""
+"""Prompt switches on a tiny diffusers Wan model: switch_prompt recaches every stored block
+(bank entries each alone, the window in one forward over its last frames)."""
 
 from __future__ import annotations
 
@@ -81,10 +82,14 @@ def test_switch_prompt_recaches_bank_and_window():
             torch.testing.assert_close(
                 cache.bank.mean_k[layer, slot], want[layer][0].mean(0), atol=2e-4, rtol=2e-4
             )
-    for f in cache.recacher.held_frames():
-        first = f // 3 * 3
-        latent = cache.window_latent[:, cache.recacher.latent_row(first // 3)]
-        want = fresh_keys(model, latent, first, prompt_b)
+    # the window: one clean forward over its last min(L_eff, c) frames (they attend each other)
+    n = cache.recacher.window_frames()
+    first = cache.frame - n
+    rows = [cache.recacher.latent_row(b) for b in range(first // 3, cache.frame // 3)]
+    want = fresh_keys(model, cache.window_latent[:, rows].flatten(1, 2), first, prompt_b)
+    held = [f for f in cache.recacher.held_frames() if f >= first]
+    assert n == 9 and len(held) == 9
+    for f in held:
         pos = cache.recacher.frame_slot(f)
         for layer in range(cfg.num_layers):
             got = cache.local_k[layer, 0, pos * T : (pos + 1) * T]
