@@ -100,3 +100,18 @@ def test_switch_prompt_recaches_bank_and_window():
     more = generate_video(model, cache, torch.randn(1, CHANNELS, 6, *LATENT_HW, generator=g),
                           prompt_b, generator=g)  # fmt: skip
     assert torch.isfinite(more).all() and cache.block == 9
+
+
+@pytest.mark.parametrize("model", ["tiny", "wan-tiny"])
+def test_demo_switch_leaves_the_blocks_before_it_unchanged(model):
+    from dysink_kernels.tools.demo import run_demo, run_wan_demo
+
+    torch.set_num_threads(1)
+    run = run_demo if model == "tiny" else run_wan_demo
+    kw = dict(blocks=6, layers=2, heads=2, head_dim=16, steps=2, progress=False)
+    if model == "wan-tiny":
+        kw["latent_hw"] = (4, 6)
+    plain = run(**kw).blocks
+    switched = run(switch_at=(4,), **kw).blocks
+    assert switched[:4] == plain[:4]
+    assert switched[4]["recached"] and switched[4] != plain[4]

@@ -49,6 +49,13 @@ def _scene_schedule(n_blocks: int, n_scenes: int, seed: int) -> list[int]:
     return out[:n_blocks]
 
 
+def _styles(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The prompts' styles, one per prompt, from their own generator and one row at a
+    time: prompt switches leave the demo's random stream (and style 0) unchanged."""
+    g = torch.Generator().manual_seed(seed + 2)
+    return torch.stack([0.5 * torch.randn(shape, generator=g) for _ in range(n)])
+
+
 def _progress_bar(total: int, desc: str, enabled: bool):
     """A tqdm bar, or None when disabled or tqdm is missing (it is optional)."""
     if not enabled:
@@ -147,7 +154,7 @@ def run_demo(
     encoder = torch.randn(64, model.tokens_per_frame * model.latent_channels, generator=g)
     schedule = _scene_schedule(blocks, n_scenes, seed)
     timesteps = tuple(1.0 - i / steps for i in range(steps))
-    styles = 0.5 * torch.randn(len(switch_at) + 1, 8, generator=g)
+    styles = _styles(len(switch_at) + 1, (8,), seed)
     prompt = 0
 
     calls: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -266,7 +273,7 @@ def run_wan_demo(
     )  # fmt: skip
     g = torch.Generator().manual_seed(seed + 1)
     scene_ctx = torch.randn(n_scenes, text_len, text_dim, generator=g)
-    styles = 0.5 * torch.randn(len(switch_at) + 1, text_len, text_dim, generator=g)
+    styles = _styles(len(switch_at) + 1, (text_len, text_dim), seed)
     prompt_of = [sum(1 for s in switch_at if s <= i) for i in range(blocks)]
     encoder = torch.randn(64, channels * latent_hw[0] * latent_hw[1], generator=g)
     schedule = _scene_schedule(blocks, n_scenes, seed)
