@@ -168,3 +168,31 @@ def test_retrieval_equals_the_package_protocol(batch):
     handle.end_block()
     assert torch.equal(handle.cache.bank.frame, ref_cache.bank.frame)
     assert int(handle.cache.bank_size().min()) >= 2
+
+
+def test_readme_recipe_runs_as_written():
+    from types import SimpleNamespace
+
+    from upstream_wan import prompt_embedding, readme_recipe
+
+    class Pipeline(LongLiveInteractivePipeline):
+        """LongLive's interactive pipeline attributes the recipe uses, over the transcription."""
+
+        def __init__(self, model):
+            super().__init__(model, model.blocks[0].self_attn.max_attention_size)
+            self.generator = SimpleNamespace(model=model)
+            self.frame_seq_length = T
+            self.g = torch.Generator().manual_seed(5)
+
+        def inference(self, noise, text_prompts_list, switch_frame_indices):
+            conds = [prompt_embedding(p) for p in text_prompts_list]
+            return super().inference(noise, conds, switch_frame_indices, self.g)
+
+    model = make_model()
+    noise = torch.randn(1, 30, T, 4, generator=torch.Generator().manual_seed(2))
+    prompts, switches = [["a cat"], ["a cat at night"], ["a dog"]], [12, 21]
+    want = Pipeline(model).inference(noise, prompts, switches)
+    ns = dict(pipeline=Pipeline(model), noise=noise, text_prompts_list=prompts,
+              switch_frame_indices=switches)  # fmt: skip
+    exec(readme_recipe("longlive"), ns)
+    torch.testing.assert_close(ns["video"], want, atol=2e-5, rtol=2e-5)

@@ -162,3 +162,34 @@ def test_clean_pass_context_skips_the_timestep():
     assert all(handle.adapter._committed)
     handle.remove()
     assert "forward" not in model.blocks[0].self_attn.__dict__
+
+
+def test_readme_recipe_runs_as_written():
+    from types import SimpleNamespace
+
+    from upstream_wan import prompt_embedding, readme_recipe
+
+    class Pipeline(SelfForcingPipeline):
+        """Self-Forcing's pipeline attributes the recipe uses, over the transcription."""
+
+        def __init__(self, model):
+            super().__init__(model, model.blocks[0].self_attn.max_attention_size)
+            self.generator = SimpleNamespace(model=model)
+            self.frame_seq_length = T
+            self.g = torch.Generator().manual_seed(5)
+
+        def inference(self, noise, text_prompts):
+            return super().inference(noise, prompt_embedding(text_prompts), self.g)
+
+    model = make_model(9)
+    g = torch.Generator().manual_seed(2)
+    noise, noise_2 = torch.randn(2, 12, T, 4, generator=g), torch.randn(2, 12, T, 4, generator=g)
+    prompts = ["a cat", "a dog"]
+    ref = Pipeline(model)
+    want = [ref.inference(noise, prompts), ref.inference(noise_2, prompts)]
+    ns = dict(pipeline=Pipeline(model), noise=noise, noise_2=noise_2, prompts=prompts)
+    exec(readme_recipe("self_forcing"), ns)
+    torch.testing.assert_close(ns["video"], want[0], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(ns["video_2"], want[1], atol=2e-5, rtol=2e-5)
+    assert ns["pipeline"].kv_cache1[0]["k"].numel() == 0
+    assert ns["handle"].cache.block == 3  # the second video's last block

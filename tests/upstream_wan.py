@@ -316,3 +316,18 @@ class LongLiveInteractivePipeline:
         m(frames, t=torch.zeros(frames.shape[0], n), context=cond, seq_len=0,
           kv_cache=self.kv_cache1, current_start=(c - n) * T,
           sink_recache_after_switch=not self.global_sink)  # fmt: skip
+
+
+def readme_recipe(name: str) -> str:
+    """The python block that follows ``<!-- recipe: name -->`` in the README."""
+    import pathlib
+
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    after = text.split(f"<!-- recipe: {name} -->", 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def prompt_embedding(prompts):
+    """Stand-in text encoder: one fixed vector per prompt string."""
+    rows = [torch.randn(8, generator=torch.Generator().manual_seed(sum(map(ord, p)))) for p in prompts]
+    return torch.stack(rows)
