@@ -235,11 +235,12 @@ class FrameBank:
         self.v[layer, slot].copy_(v, non_blocking=True)
 
     def gather_as(
-        self, pool_k: torch.Tensor, pool_v: torch.Tensor, slot_idx: torch.Tensor, dtype: torch.dtype
+        self, pool_k: torch.Tensor, pool_v: torch.Tensor, slot_idx: torch.Tensor, like: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The listed entries of one layer's ``pool_k/pool_v (P, S_e, H, D)`` as a small
-        pool in ``dtype`` and ``slot_idx (B, n)`` renumbered into it (``-1`` kept): how an
-        fp32/fp16 run attends a bf16 bank. Reads only the listed entries."""
+        pool in ``like``'s dtype and ``slot_idx (B, n)`` renumbered into it (``-1`` kept):
+        how an fp32/fp16 run attends a bf16 bank. Reads only the listed entries."""
+        dtype = like.dtype
         B, n = slot_idx.shape
         flat = slot_idx.reshape(-1).long().clamp(min=0)
         k = pool_k.index_select(0, flat).to(dtype)

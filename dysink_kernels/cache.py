@@ -413,7 +413,7 @@ class DySinkCache:
                 staged = self.stager.slots.long().clamp(min=0)
                 k_scale, v_scale = k_scale.index_select(0, staged), v_scale.index_select(0, staged)
         if pool_k.dtype != q.dtype and k_scale is None:  # a bf16 bank in an fp32/fp16 run
-            pool_k, pool_v, attend_slots = self.bank.gather_as(pool_k, pool_v, attend_slots, q.dtype)
+            pool_k, pool_v, attend_slots = self.bank.gather_as(pool_k, pool_v, attend_slots, q)
         out, attn_stats = gathered_attention(
             q, pool_k, pool_v, attend_slots,
             self.local_k[layer], self.local_v[layer], ranges, k, v,

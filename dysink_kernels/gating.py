@@ -10,6 +10,7 @@ stays on the device.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -157,9 +158,7 @@ class SinkGate:
         if (cache.parallel is not None or rounded) and (gate_slots or gate_sinks):
             n = slots.shape[1] if gate_slots else 0
             votes = torch.zeros(B, n + int(gate_sinks), device=cache.device)
-            count = gate_votes
-            if rounded:
-                count = lambda *a: votes_in_dtype(*a, cache.dtype)  # noqa: E731
+            count = partial(votes_in_dtype, dtype=cache.dtype) if rounded else gate_votes
             if gate_slots:
                 votes[:, :n] = count(qbar, kbar_local, mean_table, vote_slots)
             if gate_sinks:

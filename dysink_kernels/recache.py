@@ -15,6 +15,7 @@ attention path does not apply it (``block_causal=True`` applies it instead).
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING
 
 import torch
@@ -309,7 +310,7 @@ class Recacher:
             # query block j attends the range's frames up to the end of its block
             edges = sorted({0, n, *range(fpb - first % fpb, n, fpb)})
             parts = []
-            for a, b in zip(edges[:-1], edges[1:]):
+            for a, b in itertools.pairwise(edges):
                 parts.append(attend(q[:, a * T : b * T], max(b - skip, 0) * T))
             out = torch.cat(parts, dim=1)  # ok: host (activations, once per prompt switch)
         else:

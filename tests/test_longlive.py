@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from upstream_wan import STEPS, CausalWanModel, LongLiveInteractivePipeline, causal_rope_apply
 
 from dysink_kernels import DySinkCache, DySinkConfig, SinkAttention
 from dysink_kernels.integrations import longlive
 from dysink_kernels.integrations._causal_wan import _self_attentions
-
-from upstream_wan import STEPS, CausalWanModel, LongLiveInteractivePipeline, causal_rope_apply
 
 T = 8
 
@@ -39,8 +38,9 @@ def inputs(batch, frames, n_prompts, seed=1):
 
 
 def run_upstream(model, frames, switches, batch=1, global_sink=False, patch=None):
-    pipe = LongLiveInteractivePipeline(model, model.blocks[0].self_attn.max_attention_size,
-                                       global_sink=global_sink)  # fmt: skip
+    pipe = LongLiveInteractivePipeline(
+        model, model.blocks[0].self_attn.max_attention_size, global_sink=global_sink
+    )
     handle = None if patch is None else longlive.enable_dysink(model, tokens_per_frame=T, **patch)
     noise, conds, g = inputs(batch, frames, len(switches) + 1)
     try:
@@ -84,8 +84,14 @@ def test_self_attention_returns_longlive_tuple():
 
     kv = build_kv_cache(model, 1, 12 * T)
     x = torch.randn(1, 3, T, 4)
-    model(x, t=torch.full((1, 3), 1000), context=torch.randn(1, 8), seq_len=0, kv_cache=kv,
-          current_start=0)  # fmt: skip
+    model(
+        x,
+        t=torch.full((1, 3), 1000),
+        context=torch.randn(1, 8),
+        seq_len=0,
+        kv_cache=kv,
+        current_start=0,
+    )
     attn = model.blocks[0].self_attn
     tok = torch.randn(1, 3 * T, model.dim)
     grid = torch.tensor([[3, 2, 4]])
@@ -102,16 +108,30 @@ def native(model, cfg, frames, switches, batch):
     mode = {"commit": False, "recache": None}
 
     def patched(layer, mod):
-        def forward(x, seq_lens, grid_sizes, freqs, block_mask, kv_cache=None,
-                    current_start=0, cache_start=None, sink=False):  # fmt: skip
+        def forward(
+            x,
+            seq_lens,
+            grid_sizes,
+            freqs,
+            block_mask,
+            kv_cache=None,
+            current_start=0,
+            cache_start=None,
+            sink=False,
+        ):
             b, s = x.shape[:2]
             q = mod.norm_q(mod.q(x)).view(b, s, 2, 16)
             k = mod.norm_k(mod.k(x)).view(b, s, 2, 16)
             v = mod.v(x).view(b, s, 2, 16)
             f0 = current_start // T
-            q, k = causal_rope_apply(q, grid_sizes, None, f0), causal_rope_apply(k, grid_sizes, None, f0)
+            q, k = (
+                causal_rope_apply(q, grid_sizes, None, f0),
+                causal_rope_apply(k, grid_sizes, None, f0),
+            )
             if mode["recache"] is not None:
-                out = cache.recacher.rewrite_window(layer, q, k, v, mode["recache"], sinks="replace")
+                out = cache.recacher.rewrite_window(
+                    layer, q, k, v, mode["recache"], sinks="replace"
+                )
             else:
                 out = attn(q, k, v, cache=cache, layer=layer, commit=mode["commit"])
             return mod.o(out.flatten(2)), (current_start + s, 0, None)
@@ -132,21 +152,39 @@ def native(model, cfg, frames, switches, batch):
                 seg += 1
                 n = min(cfg.local_frames, start)
                 mode["recache"] = start - n
-                model(out[:, start - n : start], t=torch.zeros(batch, n), context=conds[seg],
-                      seq_len=0, kv_cache=kv, current_start=(start - n) * T)  # fmt: skip
+                model(
+                    out[:, start - n : start],
+                    t=torch.zeros(batch, n),
+                    context=conds[seg],
+                    seq_len=0,
+                    kv_cache=kv,
+                    current_start=(start - n) * T,
+                )
                 mode["recache"] = None
             cache.begin_block()
             x = noise[:, start : start + 3]
             for i, t in enumerate(STEPS):
-                x0 = model(x, t=torch.full((batch, 3), t), context=conds[seg], seq_len=0,
-                           kv_cache=kv, current_start=start * T)  # fmt: skip
+                x0 = model(
+                    x,
+                    t=torch.full((batch, 3), t),
+                    context=conds[seg],
+                    seq_len=0,
+                    kv_cache=kv,
+                    current_start=start * T,
+                )
                 if i + 1 < len(STEPS):
                     s = STEPS[i + 1] / 1000.0
                     x = (1 - s) * x0 + s * torch.randn(x0.shape, generator=g)
             out[:, start : start + 3] = x0
             mode["commit"] = True
-            model(x0, t=torch.zeros(batch, 3), context=conds[seg], seq_len=0, kv_cache=kv,
-                  current_start=start * T)  # fmt: skip
+            model(
+                x0,
+                t=torch.zeros(batch, 3),
+                context=conds[seg],
+                seq_len=0,
+                kv_cache=kv,
+                current_start=start * T,
+            )
             mode["commit"] = False
             cache.end_block()
     finally:
@@ -192,7 +230,11 @@ def test_readme_recipe_runs_as_written():
     noise = torch.randn(1, 30, T, 4, generator=torch.Generator().manual_seed(2))
     prompts, switches = [["a cat"], ["a cat at night"], ["a dog"]], [12, 21]
     want = Pipeline(model).inference(noise, prompts, switches)
-    ns = dict(pipeline=Pipeline(model), noise=noise, text_prompts_list=prompts,
-              switch_frame_indices=switches)  # fmt: skip
+    ns = dict(
+        pipeline=Pipeline(model),
+        noise=noise,
+        text_prompts_list=prompts,
+        switch_frame_indices=switches,
+    )
     exec(readme_recipe("longlive"), ns)
     torch.testing.assert_close(ns["video"], want, atol=2e-5, rtol=2e-5)

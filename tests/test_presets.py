@@ -43,7 +43,10 @@ def test_gate_votes_in_the_run_dtype():
     same = votes_in_dtype(qbar, local, table, slots, torch.float32)
     assert torch.equal(same, fp32)
     assert fp32[0, 0] > 0 and bf16[0, 0] == 0  # near-ties vote only in fp32
-    r = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
+
+    def r(t):
+        return t.to(torch.bfloat16).float()
+
     s_loc = r((r(qbar) * r(local)).sum(-1))
     s_e = r((r(qbar) * r(3 * local[0])).sum(-1))
     assert bf16[0, 1] == (s_e[0] > s_loc[0]).sum()  # direct formula

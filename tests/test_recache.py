@@ -241,8 +241,9 @@ def test_joint_window_matches_one_fresh_forward():
     assert cache.recacher.window_frames() == 9
     calls = []
     cache.recache(
-        lambda lat, first: calls.append((lat.shape[1], first))
-        or model(lat, 0.0, cond_b, first, attend, True)
+        lambda lat, first: (
+            calls.append((lat.shape[1], first)) or model(lat, 0.0, cond_b, first, attend, True)
+        )
     )
     assert calls[-1] == (9, 9) and len(calls) == 1 + 4  # 4 bank entries, one window forward
     store = {}

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from upstream_wan import STEPS, CausalWanModel, SelfForcingPipeline
 
 from dysink_kernels import DySinkCache, DySinkConfig, SinkAttention
 from dysink_kernels.integrations import self_forcing
 from dysink_kernels.integrations.kv_cache_adapter import tiny_kv_cache
-
-from upstream_wan import STEPS, CausalWanModel, SelfForcingPipeline
 
 T = 8  # tokens per frame (2 x 4 patches)
 
@@ -90,8 +89,17 @@ def native_retrieval(model, cfg, frames, batch):
     from dysink_kernels.integrations._causal_wan import _self_attentions
 
     def patched(layer, mod):
-        def forward(x, seq_lens, grid_sizes, freqs, block_mask, kv_cache=None,
-                    current_start=0, cache_start=None, sink=False):  # fmt: skip
+        def forward(
+            x,
+            seq_lens,
+            grid_sizes,
+            freqs,
+            block_mask,
+            kv_cache=None,
+            current_start=0,
+            cache_start=None,
+            sink=False,
+        ):
             b, s = x.shape[:2]
             q = mod.norm_q(mod.q(x)).view(b, s, 2, 16)
             k = mod.norm_k(mod.k(x)).view(b, s, 2, 16)
@@ -99,7 +107,10 @@ def native_retrieval(model, cfg, frames, batch):
             from upstream_wan import causal_rope_apply
 
             f0 = current_start // T
-            q, k = causal_rope_apply(q, grid_sizes, None, f0), causal_rope_apply(k, grid_sizes, None, f0)
+            q, k = (
+                causal_rope_apply(q, grid_sizes, None, f0),
+                causal_rope_apply(k, grid_sizes, None, f0),
+            )
             out = attn(q, k, v, cache=cache, layer=layer, commit=state["commit"])
             return mod.o(out.flatten(2))
 
@@ -118,15 +129,27 @@ def native_retrieval(model, cfg, frames, batch):
             cache.begin_block()
             x = noise[:, start : start + 3]
             for i, t in enumerate(STEPS):
-                x0 = model(x, t=torch.full((batch, 3), t), context=cond, seq_len=0, kv_cache=kv,
-                           current_start=start * T)  # fmt: skip
+                x0 = model(
+                    x,
+                    t=torch.full((batch, 3), t),
+                    context=cond,
+                    seq_len=0,
+                    kv_cache=kv,
+                    current_start=start * T,
+                )
                 if i + 1 < len(STEPS):
                     s = STEPS[i + 1] / 1000.0
                     x = (1 - s) * x0 + s * torch.randn(x0.shape, generator=g)
             out[:, start : start + 3] = x0
             state["commit"] = True
-            model(x0, t=torch.zeros(batch, 3), context=cond, seq_len=0, kv_cache=kv,
-                  current_start=start * T)  # fmt: skip
+            model(
+                x0,
+                t=torch.zeros(batch, 3),
+                context=cond,
+                seq_len=0,
+                kv_cache=kv,
+                current_start=start * T,
+            )
             state["commit"] = False
             cache.end_block()
     finally:
@@ -157,8 +180,7 @@ def test_clean_pass_context_skips_the_timestep():
     cond = torch.randn(1, 8)
     model(x, t=torch.full((1, 3), 500), context=cond, seq_len=0, kv_cache=kv, current_start=0)
     with handle.clean_pass():  # t says noisy, the context says clean
-        model(x, t=torch.full((1, 3), 500), context=cond, seq_len=0, kv_cache=kv,
-              current_start=0)  # fmt: skip
+        model(x, t=torch.full((1, 3), 500), context=cond, seq_len=0, kv_cache=kv, current_start=0)
     assert all(handle.adapter._committed)
     handle.remove()
     assert "forward" not in model.blocks[0].self_attn.__dict__

@@ -48,8 +48,18 @@ class CausalWanSelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = nn.RMSNorm(dim), nn.RMSNorm(dim)
 
-    def forward(self, x, seq_lens, grid_sizes, freqs, block_mask, kv_cache=None,
-                current_start=0, cache_start=None, sink_recache_after_switch=False):  # fmt: skip
+    def forward(
+        self,
+        x,
+        seq_lens,
+        grid_sizes,
+        freqs,
+        block_mask,
+        kv_cache=None,
+        current_start=0,
+        cache_start=None,
+        sink_recache_after_switch=False,
+    ):
         b, s, n, d = *x.shape[:2], self.num_heads, self.head_dim
         q = self.norm_q(self.q(x)).view(b, s, n, d)
         k = self.norm_k(self.k(x)).view(b, s, n, d)
@@ -127,12 +137,31 @@ class CausalWanBlock(nn.Module):
         self.cross = nn.Linear(dim, dim)
         self.ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
-    def forward(self, x, e, seq_lens, grid_sizes, freqs, context, block_mask, kv_cache,
-                current_start, cache_start, sink_recache_after_switch):  # fmt: skip
+    def forward(
+        self,
+        x,
+        e,
+        seq_lens,
+        grid_sizes,
+        freqs,
+        context,
+        block_mask,
+        kv_cache,
+        current_start,
+        cache_start,
+        sink_recache_after_switch,
+    ):
         y = self.self_attn(
-            self.norm1(x) + e, seq_lens, grid_sizes, freqs, block_mask, kv_cache,
-            current_start, cache_start, sink_recache_after_switch,
-        )  # fmt: skip
+            self.norm1(x) + e,
+            seq_lens,
+            grid_sizes,
+            freqs,
+            block_mask,
+            kv_cache,
+            current_start,
+            cache_start,
+            sink_recache_after_switch,
+        )
         info = None
         if isinstance(y, tuple):
             y, info = y
@@ -145,8 +174,17 @@ class CausalWanBlock(nn.Module):
 class CausalWanModel(nn.Module):
     """``x (B, F, tokens_per_frame, C)`` latents of a block -> predicted clean latents."""
 
-    def __init__(self, num_layers=2, num_heads=2, head_dim=16, grid_hw=(2, 4), channels=4,
-                 local_attn_size=-1, sink_size=0, variant="self_forcing"):  # fmt: skip
+    def __init__(
+        self,
+        num_layers=2,
+        num_heads=2,
+        head_dim=16,
+        grid_hw=(2, 4),
+        channels=4,
+        local_attn_size=-1,
+        sink_size=0,
+        variant="self_forcing",
+    ):
         super().__init__()
         dim = num_heads * head_dim
         self.grid_hw, self.variant = tuple(grid_hw), variant
@@ -167,8 +205,18 @@ class CausalWanModel(nn.Module):
     def forward(self, *args, **kwargs):
         return self._forward_inference(*args, **kwargs)
 
-    def _forward_inference(self, x, t, context, seq_len, kv_cache=None, crossattn_cache=None,
-                           current_start=0, cache_start=0, sink_recache_after_switch=False):  # fmt: skip
+    def _forward_inference(
+        self,
+        x,
+        t,
+        context,
+        seq_len,
+        kv_cache=None,
+        crossattn_cache=None,
+        current_start=0,
+        cache_start=0,
+        sink_recache_after_switch=False,
+    ):
         B, F, hw, _ = x.shape
         grid_sizes = torch.tensor([[F, *self.grid_hw]] * B)
         seq_lens = torch.tensor([F * hw] * B)
@@ -178,9 +226,18 @@ class CausalWanModel(nn.Module):
         infos = []
         for i, block in enumerate(self.blocks):
             out = block(
-                tok, e, seq_lens, grid_sizes, None, ctx, None, kv_cache[i], current_start,
-                cache_start, sink_recache_after_switch,
-            )  # fmt: skip
+                tok,
+                e,
+                seq_lens,
+                grid_sizes,
+                None,
+                ctx,
+                None,
+                kv_cache[i],
+                current_start,
+                cache_start,
+                sink_recache_after_switch,
+            )
             if isinstance(out, tuple):
                 tok, info = out
                 infos.append((i, info))
@@ -255,15 +312,27 @@ class SelfForcingPipeline:
             x = noise[:, start : start + n]
             for i, t in enumerate(STEPS):
                 ts = torch.full((B, n), t)
-                x0 = m(x, t=ts, context=cond, seq_len=0, kv_cache=self.kv_cache1,
-                       current_start=start * T)  # fmt: skip
+                x0 = m(
+                    x,
+                    t=ts,
+                    context=cond,
+                    seq_len=0,
+                    kv_cache=self.kv_cache1,
+                    current_start=start * T,
+                )
                 if i + 1 < len(STEPS):
                     s = STEPS[i + 1] / 1000.0
                     fresh = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
                     x = (1 - s) * x0 + s * fresh
             out[:, start : start + n] = x0
-            m(x0, t=torch.zeros(B, n), context=cond, seq_len=0, kv_cache=self.kv_cache1,
-              current_start=start * T)  # fmt: skip
+            m(
+                x0,
+                t=torch.zeros(B, n),
+                context=cond,
+                seq_len=0,
+                kv_cache=self.kv_cache1,
+                current_start=start * T,
+            )
             start += n
         return out
 
@@ -293,15 +362,27 @@ class LongLiveInteractivePipeline:
                 self._recache(out, start, conds[seg])
             x = noise[:, start : start + 3]
             for i, t in enumerate(STEPS):
-                x0 = m(x, t=torch.full((B, 3), t), context=conds[seg], seq_len=0,
-                       kv_cache=self.kv_cache1, current_start=start * T)  # fmt: skip
+                x0 = m(
+                    x,
+                    t=torch.full((B, 3), t),
+                    context=conds[seg],
+                    seq_len=0,
+                    kv_cache=self.kv_cache1,
+                    current_start=start * T,
+                )
                 if i + 1 < len(STEPS):
                     s = STEPS[i + 1] / 1000.0
                     fresh = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
                     x = (1 - s) * x0 + s * fresh
             out[:, start : start + 3] = x0
-            m(x0, t=torch.zeros(B, 3), context=conds[seg], seq_len=0, kv_cache=self.kv_cache1,
-              current_start=start * T)  # fmt: skip
+            m(
+                x0,
+                t=torch.zeros(B, 3),
+                context=conds[seg],
+                seq_len=0,
+                kv_cache=self.kv_cache1,
+                current_start=start * T,
+            )
         return out
 
     def _recache(self, out, c, cond):
@@ -313,9 +394,15 @@ class LongLiveInteractivePipeline:
                 d["v"].zero_()
         n = c if m.local_attn_size == -1 else min(m.local_attn_size, c)
         frames = out[:, c - n : c]
-        m(frames, t=torch.zeros(frames.shape[0], n), context=cond, seq_len=0,
-          kv_cache=self.kv_cache1, current_start=(c - n) * T,
-          sink_recache_after_switch=not self.global_sink)  # fmt: skip
+        m(
+            frames,
+            t=torch.zeros(frames.shape[0], n),
+            context=cond,
+            seq_len=0,
+            kv_cache=self.kv_cache1,
+            current_start=(c - n) * T,
+            sink_recache_after_switch=not self.global_sink,
+        )
 
 
 def readme_recipe(name: str) -> str:
@@ -329,5 +416,7 @@ def readme_recipe(name: str) -> str:
 
 def prompt_embedding(prompts):
     """Stand-in text encoder: one fixed vector per prompt string."""
-    rows = [torch.randn(8, generator=torch.Generator().manual_seed(sum(map(ord, p)))) for p in prompts]
+    rows = [
+        torch.randn(8, generator=torch.Generator().manual_seed(sum(map(ord, p)))) for p in prompts
+    ]
     return torch.stack(rows)
