@@ -347,7 +347,7 @@ def format_block(r: dict) -> str:
         f"retrieved {r['retrieved']!s:12} | gated {r['gated']:2d}/{r['gate_decisions']:<3d} | "
         f"bank {r['bank_size']:3d} {'stored ' if r['stored'] else 'skipped'} | "
         f"entropy {ent} nats"
-        + ("" if not r.get("recached") else f" | new prompt: {r['recached']} blocks recached")
+        + ("" if not r.get("recached") else f" | new prompt: {r['recached']} recache forwards")
     )
 
 
