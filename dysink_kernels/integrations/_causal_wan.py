@@ -183,7 +183,7 @@ class CausalWanHandle:
             if kv_cache is None:
                 return inner(*args, **kwargs)
             self._bind(kv_cache)
-            self._clean = self._is_clean(kwargs["t"] if "t" in kwargs else args[1])
+            self._clean = self._is_clean(kwargs.get("t", args[1] if len(args) > 1 else None))
             return inner(*args, **kwargs)
 
         return forward
