@@ -115,3 +115,19 @@ def test_demo_switch_leaves_the_blocks_before_it_unchanged(model):
     switched = run(switch_at=(4,), **kw).blocks
     assert switched[:4] == plain[:4]
     assert switched[4]["recached"] and switched[4] != plain[4]
+
+
+def test_wan_tiny_demo_recalls_a_scene():
+    """Some block retrieves an entry of its own scene from before the entries next to its
+    window: a scene that came back is recalled (not only the newest entries)."""
+    from dysink_kernels.tools.demo import run_wan_demo
+
+    torch.set_num_threads(1)
+    blocks = run_wan_demo(progress=False).blocks
+    recalled = [
+        (r["block"], f)
+        for r in blocks
+        for f in r["retrieved"]
+        if f < r["window_start"] - 6 and blocks[f // 3]["scene"] == r["scene"]
+    ]
+    assert recalled, "no scene was recalled"

@@ -49,6 +49,14 @@ def _scene_schedule(n_blocks: int, n_scenes: int, seed: int) -> list[int]:
     return out[:n_blocks]
 
 
+# With random weights the wan-tiny model's activations hardly depend on its prompt: its
+# mean keys (the "mean_key" feature) then differ mostly by the blocks' RoPE positions
+# and retrieval returns the newest entries. A stronger cross-attention output makes the
+# prompt, i.e. the scene, shape the activations (as a trained model's prompt does), so
+# blocks of a scene that comes back are recognised and recalled.
+_SCENE_GAIN = 20.0
+
+
 def _styles(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """The prompts' styles, one per prompt, from their own generator and one row at a
     time: prompt switches leave the demo's random stream (and style 0) unchanged."""
@@ -237,7 +245,8 @@ def run_wan_demo(
     on_block=None,
     switch_at: tuple[int, ...] = (),
 ) -> DemoResult:
-    """The demo on a random-weight diffusers ``WanTransformer3DModel`` (nothing downloaded).
+    """The demo on a random-weight diffusers ``WanTransformer3DModel`` (nothing downloaded),
+    its cross-attention output scaled by ``_SCENE_GAIN`` so that scenes show in its keys.
 
     DySink goes in through ``integrations.diffusers_wan`` (``enable_dysink`` and
     ``generate_video``, flow-matching timesteps ``1000 .. 1000/steps``); the prompt
@@ -262,6 +271,9 @@ def run_wan_demo(
     )  # fmt: skip
     # diffusers builds in fp32; casting warns that it keeps some modules in fp32
     # only through from_pretrained, so the default dtype skips the cast.
+    with torch.no_grad():  # see _SCENE_GAIN
+        for blk in model.blocks:
+            blk.attn2.to_out[0].weight.mul_(_SCENE_GAIN)
     model = (model.to(dev) if dtype == torch.float32 else model.to(dev, dtype)).eval()
     cfg = dysink_config_for(
         model, latent_hw, top_k=top_k, sink_frames=sink_frames, local_frames=local_frames,
