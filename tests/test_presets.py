@@ -96,3 +96,35 @@ def test_evictions_are_counted_on_the_device():
         assert stats.evictions.device == cache.device
         assert stats.evictions.tolist() == [max(0, i + 1 - 3)] * 2
         assert stats.entries.tolist() == [min(i + 1, 3)] * 2 and stats.capacity == 3
+
+
+@pytest.mark.parametrize("precision", ["fp32", "input"])
+def test_gate_precision_in_a_bf16_cache(precision):
+    """The ratios a bf16 cache reports are the votes of its precision option."""
+    cfg = tiny_config(tau=0.5, gate_precision=precision, dedup=None)
+    cache = DySinkCache(cfg, dtype=torch.bfloat16, backend="naive")
+    attn = SinkAttention(cfg)
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    for _ in range(8):
+        cache.begin_block()
+        for commit in (False, True):
+            for layer in range(cfg.num_layers):
+                q, k, v = (torch.randn(1, 24, 2, 16, generator=g).bfloat16() for _ in range(3))
+                attn(q, k, v, cache=cache, layer=layer, commit=commit)
+                if commit or not (cache.slot_idx >= 0).any():
+                    continue
+                qbar = q.float().mean(dim=1)
+                kbar = (cache.window_ksum[layer] + k.float().sum(dim=1)) / (
+                    cache.window_tokens + k.shape[1]
+                )[:, None, None]
+                if precision == "input":
+                    votes = votes_in_dtype(
+                        qbar, kbar, cache.bank.mean_k[layer], cache.slot_idx, torch.bfloat16
+                    )
+                else:
+                    votes = gate_votes(qbar, kbar, cache.bank.mean_k[layer], cache.slot_idx)
+                torch.testing.assert_close(cache.stats(layer).gate_ratio, votes / 2)
+                checked += 1
+        cache.end_block(torch.randn(1, 5, generator=g))
+    assert checked > 4
