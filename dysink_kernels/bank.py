@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ._validate import canonical_device
 from .fp8 import FP8_DTYPE, quantize
 from .ops.bank_insert import bank_insert
 
-__all__ = ["FrameBank"]
+__all__ = ["BankStats", "FrameBank"]
+
+
+class BankStats(NamedTuple):
+    """Occupancy and eviction counters of a bank (device tensors, no host sync).
+
+    Attributes:
+        entries: ``(B,)`` int64 entries held per sample.
+        evictions: ``(B,)`` int64 entries evicted so far per sample (a full bank's
+            insert replaces its oldest or least used entry).
+        capacity: entries a sample can hold (host int).
+    """
+
+    entries: torch.Tensor
+    evictions: torch.Tensor
+    capacity: int
 
 
 class FrameBank:
@@ -33,6 +50,11 @@ class FrameBank:
         frame: ``(P,)`` int32 first frame of the entry, ``-1`` = free.
         stamp: ``(P,)`` int64 insertion order (FIFO eviction).
         usage: ``(P,)`` fp32 decayed attention mass of each entry (``"least_relevant"``).
+        evictions: ``(B,)`` int64 entries evicted per sample (see :meth:`stats`).
+
+    ``dtype`` may differ from the run's: ``torch.bfloat16`` stores K/V rounded to bf16
+    in an fp32 or fp16 run (as the published bank does); the attention reads the
+    retrieved entries through :meth:`gather_as`.
     """
 
     def __init__(
@@ -85,6 +107,7 @@ class FrameBank:
         self.stamp = torch.zeros(P, dtype=torch.int64, device=self.device)
         self.clock = torch.zeros((), dtype=torch.int64, device=self.device)
         self.usage = torch.zeros(P, dtype=torch.float32, device=self.device)
+        self.evictions = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
         self.feature: torch.Tensor | None = None
         if feature_dim is not None:
             self.ensure_feature_dim(feature_dim)
@@ -148,6 +171,11 @@ class FrameBank:
         clock0 = self.clock.clone() if evict_key is not None else None
         stamps = self.stamp if evict_key is None else evict_key.clone()
         pool_k, pool_v = self.k, self.v
+        full = self.counts() >= self.limit  # before the insert: a stored block evicts
+        if not self.quantized and src_k.dtype != self.k.dtype:  # e.g. a bf16 bank, fp32 run
+            src_k = src_k.index_select(2, src_pos).to(self.k.dtype)
+            src_v = src_v.index_select(2, src_pos).to(self.v.dtype)
+            src_pos = torch.arange(src_k.shape[2], device=src_pos.device)
         if self.quantized:
             # Quantise the block first; the op then moves bytes (uint8 views, which every
             # backend copies as they are) and its mean keys (of bytes) are replaced by
@@ -179,6 +207,7 @@ class FrameBank:
             )
         fresh = torch.where(stored, 0.0, self.usage.index_select(0, slot))
         self.usage.index_copy_(0, slot, fresh)
+        self.evictions.add_((stored & full).long())
         return stored, slot
 
     def write_entry(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -191,9 +220,34 @@ class FrameBank:
             self.v_scale[layer, slot] = s_v.flatten()
             self.mean_k[layer, slot] = (k.float() * s_k).mean(dim=0)
         else:
+            k, v = k.to(self.k.dtype), v.to(self.v.dtype)
             self.mean_k[layer, slot] = k.float().mean(dim=0)
         self.k[layer, slot].copy_(k, non_blocking=True)
         self.v[layer, slot].copy_(v, non_blocking=True)
+
+    def gather_as(
+        self, pool_k: torch.Tensor, pool_v: torch.Tensor, slot_idx: torch.Tensor, like: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The listed entries of one layer's ``pool_k/pool_v (P, S_e, H, D)`` as a small
+        pool in ``like``'s dtype and ``slot_idx (B, n)`` renumbered into it (``-1`` kept):
+        how an fp32/fp16 run attends a bf16 bank. Reads only the listed entries."""
+        dtype = like.dtype
+        B, n = slot_idx.shape
+        flat = slot_idx.reshape(-1).long().clamp(min=0)
+        k = pool_k.index_select(0, flat).to(dtype)
+        v = pool_v.index_select(0, flat).to(dtype)
+        order = torch.arange(B * n, device=slot_idx.device, dtype=slot_idx.dtype).view(B, n)
+        return k, v, torch.where(slot_idx >= 0, order, -1)
+
+    def stats(self) -> BankStats:
+        """Entries and evictions per sample (device tensors; nothing waits)."""
+        return BankStats(self.counts(), self.evictions, self.limit)
+
+    def clear(self) -> None:
+        """Free every entry (on the device); counters other than occupancy stay."""
+        self.owner.fill_(-1)
+        self.frame.fill_(-1)
+        self.usage.zero_()
 
     def scales(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(P, H)`` dequantisation scales of ``layer`` (``None`` unless fp8)."""
@@ -226,6 +280,7 @@ class FrameBank:
             "stamp": self.stamp,
             "clock": self.clock,
             "usage": self.usage,
+            "evictions": self.evictions,
             "k_scale": self.k_scale,
             "v_scale": self.v_scale,
         }
@@ -265,6 +320,9 @@ class FrameBank:
         frame = check("['bank']['frame']", state["frame"], self.frame)
         stamp = check("['bank']['stamp']", state["stamp"], self.stamp)
         clock = check("['bank']['clock']", state["clock"], self.clock)
+        evictions = check("['bank']['evictions']", state["evictions"], self.evictions)
+        if bool((evictions < 0).any()):  # ok: host (checkpoint load)
+            raise ValueError("state ['bank']['evictions'] holds negative counts")
         if bool((state["usage"] < 0).any()):  # ok: host (checkpoint load)
             raise ValueError("state ['bank']['usage'] holds negative values")
         B, C = self.batch_size, self.slots_per_sample

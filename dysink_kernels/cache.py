@@ -146,10 +146,10 @@ class DySinkCache:
         device = check_device("device", device) or canonical_device(None)
         bank_device = check_device("bank_device", bank_device)
         bank_dtype = dtype if bank_dtype is None else bank_dtype
-        if bank_dtype not in (dtype, FP8_DTYPE):
+        if bank_dtype not in (dtype, FP8_DTYPE, torch.bfloat16):
             raise TypeError(
-                f"bank_dtype must be the cache dtype ({dtype_name(dtype)}) or float8_e4m3fn, "
-                f"got {bank_dtype}"
+                f"bank_dtype must be the cache dtype ({dtype_name(dtype)}), bfloat16 or "
+                f"float8_e4m3fn, got {bank_dtype}"
             )
         bank_slots = bank_slots_for(
             config, batch_size, bank_slots, max_bank_bytes, bank_dtype, bank_device or device
@@ -218,6 +218,7 @@ class DySinkCache:
 
         # Host bookkeeping (no device values).
         self.block = 0
+        self.frame_shift = 0  # frames before frame 0 that never existed (a short first block)
         self._in_block = False
         self._committed = [False] * Ly
         self._stats: list[SinkLayerStats | None] = [None] * Ly
@@ -275,7 +276,7 @@ class DySinkCache:
         # window (window_scope="batch", the reference) or its own (="sample").
         l_eff = L + (c.top_k - counts).clamp(min=0) * fpb  # (B,)
         l_eff_win = l_eff.max().expand(B) if c.window_scope == "batch" else l_eff
-        lo = torch.clamp(cur + fpb - (l_eff_win - s), min=s)  # (B,) first previous frame
+        lo = torch.clamp(cur + fpb - (l_eff_win - s), min=s + self.frame_shift)  # (B,)
         n_prev = (cur - lo).clamp(min=0)
 
         if c.top_k > 0 and self.recent_feat is not None and self.bank.feature is not None:
@@ -372,6 +373,8 @@ class DySinkCache:
             if k_scale is not None:
                 staged = self.stager.slots.long().clamp(min=0)
                 k_scale, v_scale = k_scale.index_select(0, staged), v_scale.index_select(0, staged)
+        if pool_k.dtype != q.dtype and k_scale is None:  # a bf16 bank in an fp32/fp16 run
+            pool_k, pool_v, attend_slots = self.bank.gather_as(pool_k, pool_v, attend_slots, q)
         out, attn_stats = gathered_sink_attention_general(
             q, pool_k, pool_v, attend_slots,
             self.local_k[layer], self.local_v[layer], ranges, k, v,
@@ -502,9 +505,9 @@ class DySinkCache:
         """``(B, window_blocks, frames_per_block, ...)`` latents of the window's blocks."""
         return self.recacher.window_latent
 
-    def recache(self, run_block, batch: int = 1) -> int:
+    def recache(self, run_block, batch: int = 1, window: str = "joint") -> int:
         """Recompute stored K/V under a new prompt; see :meth:`Recacher.run`."""
-        return self.recacher.run(run_block, batch)
+        return self.recacher.run(run_block, batch, window)
 
     @property
     def recache_samples(self) -> list[int] | None:

@@ -14,6 +14,7 @@ WINDOW_SCOPES = ("batch", "sample")
 SINK_ROPES = ("original", "relative")
 GATE_MODES = ("consensus", "entropy", "both")
 EVICTIONS = ("fifo", "least_relevant")
+GATE_PRECISIONS = ("fp32", "input")
 
 
 def _positive_int(name: str, value: object, minimum: int = 1) -> None:
@@ -116,6 +117,15 @@ class DySinkConfig:
             ``(1 - mix) * cosine + mix * usage / max_usage_of_the_sample`` (0 = paper).
             With ``mix > 0`` retrieval runs the PyTorch implementation.
         usage_decay: per-block decay of the usage (``(0, 1]``).
+
+    Precision:
+        gate_precision: ``"fp32"`` (default): the gate's mean query, mean keys and
+            scores in fp32; ``"input"``: rounded to the run dtype at each of those
+            stages, as the published code computes them in bf16 (near-equal scores
+            round equal and do not vote). Equal to ``"fp32"`` in fp32 runs.
+
+    Presets: :meth:`self_forcing`, :meth:`longlive` and :meth:`dysink` hold the
+    published settings of each code base (see the README's table).
     """
 
     num_layers: int
@@ -149,6 +159,7 @@ class DySinkConfig:
     eviction: str = "fifo"
     relevance_mix: float = 0.0
     usage_decay: float = 0.9
+    gate_precision: str = "fp32"
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_heads", "head_dim", "tokens_per_frame", "frames_per_block"):
@@ -213,6 +224,59 @@ class DySinkConfig:
             raise ValueError("usage-aware eviction/relevance needs stats=True (it reads slot_mass)")
         if self.softmax_scale is not None:
             _number("softmax_scale", self.softmax_scale, 0.0, open_lo=True)
+        if self.gate_precision not in GATE_PRECISIONS:
+            raise ValueError(
+                f"gate_precision must be one of {GATE_PRECISIONS}, got {self.gate_precision!r}"
+            )
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def self_forcing(
+        cls, num_layers: int = 30, num_heads: int = 12, head_dim: int = 128,
+        tokens_per_frame: int = 1560, **overrides,
+    ) -> DySinkConfig:  # fmt: skip
+        """Self-Forcing (Wan2.1-T2V-1.3B): blocks of 3 frames, no sinks, no memory.
+
+        Its default ``local_attn_size=-1`` attends the whole 32,760-token KV buffer:
+        21 frames at 1560 tokens per frame (``local_frames=21``); pass the model's
+        ``local_attn_size`` as ``local_frames`` when it sets one. ``top_k=0`` (a pure
+        window), gate off; ``feature="mean_key"`` so blocks end without an encoder.
+        """
+        base = dict(
+            frames_per_block=3, local_frames=max(3, 32760 // tokens_per_frame), sink_frames=0,
+            top_k=0, gate=False, feature="mean_key",
+        )  # fmt: skip
+        return cls(num_layers, num_heads, head_dim, tokens_per_frame, **{**base, **overrides})
+
+    @classmethod
+    def longlive(
+        cls, num_layers: int = 30, num_heads: int = 12, head_dim: int = 128,
+        tokens_per_frame: int = 1560, **overrides,
+    ) -> DySinkConfig:  # fmt: skip
+        """LongLive: ``sink_size=3`` static sink frames, ``local_attn_size=12`` (sinks
+        included), blocks of 3 frames, no memory. Its static sinks are never gated,
+        so ``gate=False``."""
+        base = dict(
+            frames_per_block=3, local_frames=12, sink_frames=3, top_k=0, gate=False,
+            feature="mean_key",
+        )  # fmt: skip
+        return cls(num_layers, num_heads, head_dim, tokens_per_frame, **{**base, **overrides})
+
+    @classmethod
+    def dysink(
+        cls, num_layers: int = 30, num_heads: int = 12, head_dim: int = 128,
+        tokens_per_frame: int = 1560, **overrides,
+    ) -> DySinkConfig:  # fmt: skip
+        """The published DySink run (``inference_sink0_topk2``): ``local_attn_size=9``,
+        no static sinks, ``top_k=2``, gate threshold 0.8, dedup 0.95, unbounded bank
+        (here: the cache's ``bank_slots``), external (PE-Core) features, and the gate
+        computed in the run dtype (``gate_precision="input"``) as the published code."""
+        base = dict(
+            frames_per_block=3, local_frames=9, sink_frames=0, top_k=2, tau=0.8, dedup=0.95,
+            gate=True, gate_scope="batch", exclude="reference", feature="external",
+            gate_precision="input",
+        )  # fmt: skip
+        return cls(num_layers, num_heads, head_dim, tokens_per_frame, **{**base, **overrides})
 
     @property
     def block_tokens(self) -> int:

@@ -10,6 +10,7 @@ stays on the device.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -22,6 +23,30 @@ if TYPE_CHECKING:
     from .cache import DySinkCache
 
 __all__ = ["AnomalyStats", "AnomalyTracker", "SinkGate"]
+
+
+def votes_in_dtype(
+    qbar: torch.Tensor,
+    kbar_local: torch.Tensor,
+    slot_mean_k: torch.Tensor,
+    slot_idx: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``gate_votes`` with the mean query, mean keys and scores rounded to ``dtype``
+    (``gate_precision="input"``): scores that round equal do not vote, as in the
+    published code, which computes the gate in the run dtype."""
+    B, n = slot_idx.shape
+
+    def r(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype).float()
+
+    q = r(qbar)
+    s_local = r((q * r(kbar_local)).sum(-1))  # (B, H)
+    if slot_mean_k.shape[0] == 0 or n == 0:
+        return q.new_zeros(B, n)
+    km = r(slot_mean_k)[slot_idx.clamp(min=0).long()]  # (B, n, H, D)
+    s_entry = r(torch.einsum("bhd,bnhd->bnh", q, km))
+    return ((s_entry > s_local[:, None, :]) & (slot_idx >= 0)[..., None]).float().sum(-1)
 
 
 class AnomalyStats(NamedTuple):
@@ -129,17 +154,22 @@ class SinkGate:
             sink_mean = cache.frame_ksum[layer, :, : c.sink_frames].sum(dim=1) / sink_tokens
 
         kept, ratio, ratio_s = slots, torch.zeros(B, slots.shape[1], device=cache.device), None
-        if cache.parallel is not None and (gate_slots or gate_sinks):
+        rounded = c.gate_precision == "input" and cache.dtype != torch.float32
+        if (cache.parallel is not None or rounded) and (gate_slots or gate_sinks):
             n = slots.shape[1] if gate_slots else 0
             votes = torch.zeros(B, n + int(gate_sinks), device=cache.device)
+            if rounded:
+                count = partial(votes_in_dtype, dtype=cache.dtype)
+            else:
+                count = partial(gate_votes, backend=cache.backend)
             if gate_slots:
-                votes[:, :n] = gate_votes(qbar, kbar_local, mean_table, vote_slots, cache.backend)
+                votes[:, :n] = count(qbar, kbar_local, mean_table, vote_slots)
             if gate_sinks:
-                votes[:, n:] = gate_votes(
-                    qbar, kbar_local, sink_mean, cache._sink_slots, cache.backend
-                )
-            votes = cache.parallel.all_reduce_sum(votes)
-            heads = cache.parallel.total_heads
+                votes[:, n:] = count(qbar, kbar_local, sink_mean, cache._sink_slots)
+            heads = c.num_heads
+            if cache.parallel is not None:
+                votes = cache.parallel.all_reduce_sum(votes)
+                heads = cache.parallel.total_heads
             if gate_slots:
                 kept, ratio = decide_from_votes(votes[:, :n], slots, heads, c.tau, c.gate_scope)
             if gate_sinks:

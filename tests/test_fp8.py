@@ -169,7 +169,7 @@ def test_recache_into_an_fp8_bank():
                 attn(*(torch.randn(latent.shape[0], 24, 2, 16, generator=g2) for _ in range(3)),
                      cache=cache, layer=layer, commit=True)  # fmt: skip
 
-        cache.recache(run_block)
+        cache.recache(run_block, window="blocks")
     plain, quant = caches
     deq = quant.bank.k.float() * quant.bank.k_scale[:, :, None, :, None]
     assert ((deq - plain.bank.k).abs() <= ELEMENT_REL * plain.bank.k.abs() + 1e-3).all()

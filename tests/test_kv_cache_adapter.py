@@ -181,7 +181,7 @@ def test_misuse_raises():
     kv = kv_list(1, 15)
     adapter = KVCacheAdapter.from_kv_cache(kv, tokens_per_frame=T)
     q = torch.randn(1, 3 * T, HEADS, HEAD_DIM)
-    with pytest.raises(ValueError, match="first token"):
+    with pytest.raises(ValueError, match="neither the current block"):
         adapter(0, q, q, q, kv[0], 3 * T)  # block 1 before block 0
     with pytest.raises(ValueError, match="layer 1's dict"):
         adapter(1, q, q, q, kv[0], 0)
@@ -204,3 +204,41 @@ def test_misuse_raises():
     assert int(new[0]["global_end_index"]) == 3 * T
     with pytest.raises(ValueError, match="layers"):
         KVCacheAdapter(kv_list(1, 15)[:1], adapter.cache)
+
+
+def test_a_second_video_on_the_same_dicts_starts_a_new_stream():
+    """Self-Forcing resets the index tensors and starts again at token 0: no reset() call."""
+    cfg = config(feature="mean_key", dedup=0.9)
+    first, _ = through_adapter(cfg, 1, 5, 15, explicit_end=False)
+    kv = kv_list(1, 15)
+    adapter = KVCacheAdapter.from_kv_cache(
+        kv, tokens_per_frame=T, local_frames=cfg.local_frames, feature="mean_key", dedup=0.9
+    )
+    attn = adapter.attention_fn()
+    outs = []
+    for _ in range(2):
+        for d in kv:  # what Self-Forcing does between videos
+            d["global_end_index"] = torch.tensor([0], dtype=torch.long)
+            d["local_end_index"] = torch.tensor([0], dtype=torch.long)
+        attend = lambda layer, q, k, v, commit, block: attn(
+            layer, q, k, v, kv[layer], 3 * block * T, commit=commit
+        )
+        outs.append(drive(1, 5, lambda: None, attend, lambda feature: None, "mean_key"))
+    torch.testing.assert_close(outs[0], first, atol=0, rtol=0)
+    torch.testing.assert_close(outs[1], first, atol=0, rtol=0)
+    assert int(kv[0]["global_end_index"]) == 15 * T
+
+
+def test_tiny_dicts_keep_the_upstream_indices():
+    from dysink_kernels.integrations.kv_cache_adapter import tiny_kv_cache
+
+    kv = tiny_kv_cache(LAYERS, 1, HEADS, HEAD_DIM, dtype=torch.float32)
+    adapter = KVCacheAdapter.from_kv_cache(kv, tokens_per_frame=T, top_k=0, kv_tokens=9 * T)
+    assert adapter.cache.bank.num_slots == 0  # a pure window keeps no bank
+    q = torch.randn(1, 3 * T, HEADS, HEAD_DIM)
+    for block in range(4):
+        for layer in range(LAYERS):
+            adapter(layer, q, q, q, kv[layer], 3 * block * T)
+            adapter(layer, q, q, q, kv[layer], 3 * block * T, commit=True)
+    assert adapter.indices(0) == (12 * T, 9 * T)
+    assert int(kv[1]["local_end_index"]) == 9 * T and kv[0]["k"].numel() == 0

@@ -22,12 +22,14 @@ from dysink_kernels import (
     gathered_sink_attention,
 )
 from dysink_kernels.fp8 import quantize
-from dysink_kernels.ops.gathered_sink_attention import gathered_attention
+from dysink_kernels.ops.gathered_sink_attention import (
+    gathered_sink_attention_general as gathered_attention,
+)
 from dysink_kernels.ops.gathered_sink_attention import sdpa as sdpa_mod
 from dysink_kernels.ops.gathered_sink_attention.naive import ranges_to_mask
 
 pytestmark = pytest.mark.skipif(
-    "sdpa" not in available_backends("gathered_attention", "cpu"),
+    "sdpa" not in available_backends("gathered_sink_attention", "cpu"),
     reason="the sdpa backend is not available on this CPU build of torch",
 )
 
@@ -310,4 +312,4 @@ def test_opcheck():
         (None, None, 0.25, False, None, 10000.0, None, None),
     ]
     for tail in variants:
-        torch.library.opcheck(torch.ops.dysink.gathered_attention, (*common, *tail, "sdpa"))
+        torch.library.opcheck(torch.ops.dysink.gathered_sink_attention, (*common, *tail, "sdpa"))

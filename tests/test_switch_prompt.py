@@ -1,4 +1,5 @@
-"""Prompt switches on a tiny diffusers Wan model: switch_prompt recaches every stored block."""
+"""Prompt switches on a tiny diffusers Wan model: switch_prompt recaches every stored block
+(bank entries each alone, the window in one forward over its last frames)."""
 
 from __future__ import annotations
 
@@ -81,10 +82,14 @@ def test_switch_prompt_recaches_bank_and_window():
             torch.testing.assert_close(
                 cache.bank.mean_k[layer, slot], want[layer][0].mean(0), atol=2e-4, rtol=2e-4
             )
-    for f in cache.recacher.held_frames():
-        first = f // 3 * 3
-        latent = cache.window_latent[:, cache.recacher.latent_row(first // 3)]
-        want = fresh_keys(model, latent, first, prompt_b)
+    # the window: one clean forward over its last min(L_eff, c) frames (they attend each other)
+    n = cache.recacher.window_frames()
+    first = cache.frame - n
+    rows = [cache.recacher.latent_row(b) for b in range(first // 3, cache.frame // 3)]
+    want = fresh_keys(model, cache.window_latent[:, rows].flatten(1, 2), first, prompt_b)
+    held = [f for f in cache.recacher.held_frames() if f >= first]
+    assert n == 9 and len(held) == 9
+    for f in held:
         pos = cache.recacher.frame_slot(f)
         for layer in range(cfg.num_layers):
             got = cache.local_k[layer, 0, pos * T : (pos + 1) * T]
@@ -95,3 +100,34 @@ def test_switch_prompt_recaches_bank_and_window():
     more = generate_video(model, cache, torch.randn(1, CHANNELS, 6, *LATENT_HW, generator=g),
                           prompt_b, generator=g)  # fmt: skip
     assert torch.isfinite(more).all() and cache.block == 9
+
+
+@pytest.mark.parametrize("model", ["tiny", "wan-tiny"])
+def test_demo_switch_leaves_the_blocks_before_it_unchanged(model):
+    from dysink_kernels.tools.demo import run_demo, run_wan_demo
+
+    torch.set_num_threads(1)
+    run = run_demo if model == "tiny" else run_wan_demo
+    kw = dict(blocks=6, layers=2, heads=2, head_dim=16, steps=2, progress=False)
+    if model == "wan-tiny":
+        kw["latent_hw"] = (4, 6)
+    plain = run(**kw).blocks
+    switched = run(switch_at=(4,), **kw).blocks
+    assert switched[:4] == plain[:4]
+    assert switched[4]["recached"] and switched[4] != plain[4]
+
+
+def test_wan_tiny_demo_recalls_a_scene():
+    """Some block retrieves an entry of its own scene from before the entries next to its
+    window: a scene that came back is recalled (not only the newest entries)."""
+    from dysink_kernels.tools.demo import run_wan_demo
+
+    torch.set_num_threads(1)
+    blocks = run_wan_demo(progress=False).blocks
+    recalled = [
+        (r["block"], f)
+        for r in blocks
+        for f in r["retrieved"]
+        if f < r["window_start"] - 6 and blocks[f // 3]["scene"] == r["scene"]
+    ]
+    assert recalled, "no scene was recalled"

@@ -18,12 +18,28 @@ keeps that calling convention and routes the call through ``SinkAttention`` and 
 
 Block boundaries: a block begins by itself with the first call whose
 ``current_start`` is the next block's first token (retrieval needs nothing from
-the caller; ``begin_block()`` may also be called explicitly). A block ends only by
+the caller; ``begin_block()`` may also be called explicitly). A block ends by
 ``end_block(feature)``, because that is where the block's feature comes in; with
-``feature="mean_key"`` the adapter also ends a fully committed block itself when
-the next block's first call arrives. Anything else raises: a ``current_start``
-that is neither the current nor the next block, a new block while the previous
-one has not ended, a dict that is not that layer's dict of the adapter's list.
+``feature="mean_key"`` or ``top_k=0`` the adapter also ends a fully committed block
+itself when the next call arrives.
+
+Calls the upstream pipelines make besides that, each recognised from
+``current_start``, the call's length and ``commit``:
+
+* a new video on the same list: a denoising call at ``current_start=0`` after the
+  first block (Self-Forcing resets the index tensors between videos) starts a new
+  stream (``reset()``); so does binding another list with ``reset(kv_cache)``;
+* a short first block (``first_block_frames=1``: Self-Forcing's
+  ``independent_first_frame``): frame 0 alone, then blocks of ``frames_per_block``;
+  it attends itself, is written to the window and is not stored in the bank;
+* a recache (LongLive's and DySink's prompt switch): a ``commit=True`` call over
+  whole frames ``[a, c)`` ending at the last generated frame ``c``; the frames attend
+  each other and overwrite the window (``Recacher.rewrite_window``; ``new_sinks``
+  as LongLive's ``sink_recache_after_switch``).
+
+Anything else raises: a ``current_start`` that is neither the current nor the next
+block, a new block while the previous one has not ended, a dict that is not that
+layer's dict of the adapter's list.
 
 What the dicts hold: the adapter updates ``global_end_index`` and
 ``local_end_index`` after every call as the reference does (``global_end_index`` =
@@ -46,9 +62,10 @@ import torch
 
 from ..cache import DySinkCache
 from ..config import DySinkConfig
+from ..ops.gathered_sink_attention import gathered_sink_attention_general
 from ..sink_attention import SinkAttention
 
-__all__ = ["KVCacheAdapter", "dysink_cache_from_kv_cache"]
+__all__ = ["KVCacheAdapter", "dysink_cache_from_kv_cache", "tiny_kv_cache"]
 
 _INDEX_KEYS = ("global_end_index", "local_end_index")
 
@@ -77,6 +94,31 @@ def _check_kv_list(kv_cache: object) -> tuple[int, ...]:
     return shape
 
 
+def tiny_kv_cache(
+    num_layers: int,
+    batch_size: int,
+    num_heads: int,
+    head_dim: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> list[dict]:
+    """A list of per-layer dicts in the upstream layout whose ``k``/``v`` hold no tokens
+    (``(B, 0, H, D)``): with DySink the K/V live in the ``DySinkCache``, so the upstream
+    buffers (about 6 GB at Self-Forcing's 32,760 tokens x 30 layers in bf16) need not
+    exist. Assign it before the pipeline allocates its own (``pipeline.kv_cache1 =
+    tiny_kv_cache(...)``) and give the adapter ``kv_tokens`` (the upstream buffer size)."""
+    return [
+        {
+            "k": torch.zeros(batch_size, 0, num_heads, head_dim, dtype=dtype, device=device),
+            "v": torch.zeros(batch_size, 0, num_heads, head_dim, dtype=dtype, device=device),
+            "global_end_index": torch.tensor([0], dtype=torch.long, device=device),
+            "local_end_index": torch.tensor([0], dtype=torch.long, device=device),
+        }
+        for _ in range(num_layers)
+    ]
+
+
 def dysink_cache_from_kv_cache(
     kv_cache: Sequence[dict],
     *,
@@ -88,6 +130,7 @@ def dysink_cache_from_kv_cache(
     bank_slots: int | None = None,
     backend: str = "auto",
     feature_dim: int | None = None,
+    bank_dtype: torch.dtype | None = None,
     **config_overrides: Any,
 ) -> DySinkCache:
     """A ``DySinkCache`` for the model behind ``kv_cache``.
@@ -103,9 +146,11 @@ def dysink_cache_from_kv_cache(
         frames_per_block=frames_per_block, local_frames=local_frames, sink_frames=sink_size,
         top_k=top_k, **config_overrides,
     )  # fmt: skip
+    if bank_slots is None and cfg.top_k == 0:
+        bank_slots = 0  # a pure window keeps no bank
     return DySinkCache(
         cfg, batch_size=B, device=k0.device, dtype=k0.dtype, bank_slots=bank_slots,
-        backend=backend, feature_dim=feature_dim,
+        backend=backend, feature_dim=feature_dim, bank_dtype=bank_dtype,
     )  # fmt: skip
 
 
@@ -118,25 +163,52 @@ class KVCacheAdapter:
 
     Binding a list starts a fresh video: its indices are set to 0.
 
+    Keyword args:
+        first_block_frames: frames of the first block (``1`` for Self-Forcing's
+            ``independent_first_frame``; default ``frames_per_block``).
+        kv_tokens: the upstream buffer size in tokens, for ``local_end_index``
+            (default: the dicts' ``k.shape[1]``; give it with :func:`tiny_kv_cache`).
+
     Attributes:
         cache: the ``DySinkCache`` (retrieved frames, stats, bank).
         kv_cache: the list whose indices the adapter keeps up to date.
     """
 
-    def __init__(self, kv_cache: Sequence[dict], cache: DySinkCache) -> None:
+    def __init__(
+        self,
+        kv_cache: Sequence[dict],
+        cache: DySinkCache,
+        *,
+        first_block_frames: int | None = None,
+        kv_tokens: int | None = None,
+    ) -> None:
         if not isinstance(cache, DySinkCache):
             raise TypeError(f"cache must be a DySinkCache, got {type(cache).__name__}")
+        fpb = cache.config.frames_per_block
+        first = fpb if first_block_frames is None else first_block_frames
+        if isinstance(first, bool) or not isinstance(first, int) or not 1 <= first <= fpb:
+            raise ValueError(f"first_block_frames must be an int in [1, {fpb}], got {first!r}")
+        if first < fpb and cache.config.sink_frames:
+            raise ValueError("a short first block needs sink_frames=0")
         self.cache = cache
+        self.first_block_frames = first
+        self.kv_tokens = kv_tokens
         self.attention_module = SinkAttention(cache.config)
         self._bind(kv_cache)
 
     @classmethod
     def from_kv_cache(
-        cls, kv_cache: Sequence[dict], *, tokens_per_frame: int, **kwargs: Any
+        cls,
+        kv_cache: Sequence[dict],
+        *,
+        tokens_per_frame: int,
+        first_block_frames: int | None = None,
+        kv_tokens: int | None = None,
+        **kwargs: Any,
     ) -> KVCacheAdapter:
         """Build the cache with :func:`dysink_cache_from_kv_cache` and wrap it."""
         cache = dysink_cache_from_kv_cache(kv_cache, tokens_per_frame=tokens_per_frame, **kwargs)
-        return cls(kv_cache, cache)
+        return cls(kv_cache, cache, first_block_frames=first_block_frames, kv_tokens=kv_tokens)
 
     def _bind(self, kv_cache: Sequence[dict]) -> None:
         B, size, H, D = _check_kv_list(kv_cache)
@@ -148,10 +220,12 @@ class KVCacheAdapter:
                 f"D={c.head_dim})"
             )
         self.kv_cache = kv_cache
-        self._size = size
+        self._size = size if self.kv_tokens is None else self.kv_tokens
         self._global_end = [0] * c.num_layers
+        self._local_end = [0] * c.num_layers
         self._committed = [False] * c.num_layers
         self._in_block = False
+        self.cache.frame_shift = c.frames_per_block - self.first_block_frames
         for layer in kv_cache:
             for key in _INDEX_KEYS:
                 layer[key].fill_(0)
@@ -177,6 +251,8 @@ class KVCacheAdapter:
             raise RuntimeError("end_block called without a block in progress")
         stored = self.cache.end_block(feature)
         self._in_block = False
+        if self.cache.block == 1 and self.cache.frame_shift:
+            self.cache.bank.clear()  # the short first block is no bank entry
         return stored
 
     def reset(self, kv_cache: Sequence[dict] | None = None) -> None:
@@ -185,27 +261,69 @@ class KVCacheAdapter:
         self._bind(self.kv_cache if kv_cache is None else kv_cache)
 
     # --------------------------------------------------------------- attention
-    def _enter_block(self, current_start: int) -> None:
+    def _block_frames(self, block: int) -> int:
+        return self.first_block_frames if block == 0 else self.cache.config.frames_per_block
+
+    def _auto_end(self, why: str) -> None:
         c = self.cache.config
-        start = self.cache.frame * c.tokens_per_frame
-        if self._in_block and current_start == start:
-            return
-        next_start = start + (c.block_tokens if self._in_block else 0)
-        if current_start != next_start:
-            raise ValueError(
-                f"current_start={current_start} is not the first token of the current block "
-                f"({start}) or of the next one ({next_start}); the adapter follows one video "
-                "block by block (a new video: call reset())"
+        if not all(self._committed) or (c.feature != "mean_key" and c.top_k > 0):
+            raise RuntimeError(
+                f"{why} came before end_block of block {self.cache.block}: run the clean pass "
+                "(commit=True) on every layer, then call adapter.end_block(feature)"
             )
-        if self._in_block:
-            if c.feature != "mean_key" or not all(self._committed):
-                raise RuntimeError(
-                    f"a call for the block at token {current_start} came before end_block of "
-                    f"block {self.cache.block}: run the clean pass (commit=True) on every layer, "
-                    "then call adapter.end_block(feature)"
-                )
-            self.end_block(None)
-        self.begin_block()
+        feature = None
+        if c.feature != "mean_key":  # a pure window: the feature is never used
+            bank_feat = self.cache.bank.feature
+            dim = 1 if bank_feat is None else bank_feat.shape[1]
+            feature = torch.zeros(self.cache.batch_size, dim, device=self.cache.device)
+        self.end_block(feature)
+
+    def _classify(self, current_start: int, n_tokens: int, commit: bool) -> str:
+        """``"block"`` (a call of the current block, starting it if needed) or
+        ``"recache"``; starts a new stream or ends the previous block as needed."""
+        c = self.cache.config
+        T = c.tokens_per_frame
+        if current_start % T or n_tokens % T:
+            raise ValueError(
+                f"current_start={current_start} and the call's {n_tokens} tokens must be whole "
+                f"frames of {T} tokens"
+            )
+        a, nf = current_start // T, n_tokens // T
+        blk = self.cache.block
+        start = self.cache.frame - self.cache.frame_shift if blk else 0  # absolute frames
+        done = self._in_block and all(self._committed)
+        if self._in_block and not done and a == start and nf == self._block_frames(blk):
+            return "block"
+        end = start + self._block_frames(blk) if self._in_block else start  # generated so far
+        if commit and end > 0 and a + nf == end and (done or not self._in_block):
+            if self._in_block:
+                self._auto_end("a recache")
+            return "recache"
+        if a == 0 and not commit and (blk > 0 or done):  # a new video on the same list
+            self.reset()
+            blk, end = 0, 0
+        if a == end and nf == self._block_frames(blk if not self._in_block else blk + 1):
+            if self._in_block:
+                self._auto_end(f"a call for the block at token {current_start}")
+            self.begin_block()
+            return "block"
+        raise ValueError(
+            f"current_start={current_start} ({nf} frames) is neither the current block (frame "
+            f"{start}), the next one (frame {end}), a recache ending at frame {end} "
+            "(commit=True) nor a new video (a denoising call at 0)"
+        )
+
+    def _own_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Softmax attention of ``q`` over ``k`` alone (the short first block)."""
+        c, cache = self.cache.config, self.cache
+        B = q.shape[0]
+        none = torch.full((B, 0), -1, dtype=torch.int32, device=q.device)
+        empty = torch.zeros(B, 1, 2, dtype=torch.int32, device=q.device)
+        out, _ = gathered_sink_attention_general(
+            q, cache.bank.k[0], cache.bank.v[0], none, k, v, empty, k, v,
+            softmax_scale=c.softmax_scale, backend=cache.backend,
+        )  # fmt: skip
+        return out
 
     def attention(
         self,
@@ -217,15 +335,18 @@ class KVCacheAdapter:
         current_start: int,
         *,
         commit: bool = False,
+        new_sinks: bool = True,
+        block_causal: bool = False,
     ) -> torch.Tensor:
         """One self-attention call of layer ``layer_idx``, in the reference's convention.
 
         Args:
-            roped_query, roped_key, v: ``(B, block_tokens, H, D)`` with RoPE applied at
-                absolute positions (as the reference does).
+            roped_query, roped_key, v: ``(B, tokens, H, D)`` with RoPE applied at
+                absolute positions (as the reference does); one block, or a recache range.
             kv_cache: that layer's dict, ``adapter.kv_cache[layer_idx]``.
-            current_start: token index of the block's first token (frame * tokens).
+            current_start: token index of the call's first token (frame * tokens).
             commit: ``True`` for the clean pass (t=0) that writes the block's K/V.
+            new_sinks, block_causal: for a recache call (see ``Recacher.rewrite_window``).
 
         Returns ``(B, Sq, H, D)``, before the output projection.
         """
@@ -242,20 +363,43 @@ class KVCacheAdapter:
         if isinstance(current_start, bool) or not isinstance(current_start, int):
             what = type(current_start).__name__
             raise TypeError(f"current_start must be a host int (token index), got {what}")
-        self._enter_block(current_start)
-        out = self.attention_module(
-            roped_query, roped_key, v, cache=self.cache, layer=layer_idx, commit=commit
-        )
-        if commit:
+        mode = self._classify(current_start, roped_key.shape[1], commit)
+        if mode == "recache":
+            first = current_start // c.tokens_per_frame + self.cache.frame_shift
+            out = self.cache.recacher.rewrite_window(
+                layer_idx, roped_query, roped_key, v, first,
+                sinks="replace" if new_sinks else "keep", block_causal=block_causal,
+            )  # fmt: skip
+        elif self.cache.block == 0 and self.cache.frame_shift:
+            out = self._own_attention(roped_query, roped_key, v)
+            if commit:  # written at the block's last frames; the frames before never existed
+                pad = roped_key.new_zeros(roped_key.shape[0], c.block_tokens, *roped_key.shape[2:])
+                pad_v = pad.clone()
+                pad[:, -roped_key.shape[1] :] = roped_key
+                pad_v[:, -v.shape[1] :] = v
+                self.attention_module(
+                    roped_query, pad, pad_v, cache=self.cache, layer=layer_idx, commit=True
+                )
+        else:
+            out = self.attention_module(
+                roped_query, roped_key, v, cache=self.cache, layer=layer_idx, commit=commit
+            )
+        if commit and mode == "block":
             self._committed[layer_idx] = True
         end = current_start + roped_key.shape[1]
         if end > self._global_end[layer_idx]:  # a recomputation never moves the indices back
             self._global_end[layer_idx] = end
+            self._local_end[layer_idx] = min(end, self._size)
             kv_cache["global_end_index"].fill_(end)
-            kv_cache["local_end_index"].fill_(min(end, self._size))
+            kv_cache["local_end_index"].fill_(self._local_end[layer_idx])
         return out
 
     __call__ = attention
+
+    def indices(self, layer_idx: int) -> tuple[int, int]:
+        """``(global_end_index, local_end_index)`` of a layer as host ints (what LongLive's
+        self-attention returns beside its output)."""
+        return self._global_end[layer_idx], self._local_end[layer_idx]
 
     def attention_fn(self) -> Callable[..., torch.Tensor]:
         """``attn(layer_idx, roped_q, roped_k, v, kv_cache_dict, current_start, commit=False)``."""

@@ -49,6 +49,21 @@ def _scene_schedule(n_blocks: int, n_scenes: int, seed: int) -> list[int]:
     return out[:n_blocks]
 
 
+# With random weights the wan-tiny model's activations hardly depend on its prompt: its
+# mean keys (the "mean_key" feature) then differ mostly by the blocks' RoPE positions
+# and retrieval returns the newest entries. A stronger cross-attention output makes the
+# prompt, i.e. the scene, shape the activations (as a trained model's prompt does), so
+# blocks of a scene that comes back are recognised and recalled.
+_SCENE_GAIN = 20.0
+
+
+def _styles(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The prompts' styles, one per prompt, from their own generator and one row at a
+    time: prompt switches leave the demo's random stream (and style 0) unchanged."""
+    g = torch.Generator().manual_seed(seed + 2)
+    return torch.stack([0.5 * torch.randn(shape, generator=g) for _ in range(n)])
+
+
 def _progress_bar(total: int, desc: str, enabled: bool):
     """A tqdm bar, or None when disabled or tqdm is missing (it is optional)."""
     if not enabled:
@@ -147,7 +162,7 @@ def run_demo(
     encoder = torch.randn(64, model.tokens_per_frame * model.latent_channels, generator=g)
     schedule = _scene_schedule(blocks, n_scenes, seed)
     timesteps = tuple(1.0 - i / steps for i in range(steps))
-    styles = 0.5 * torch.randn(len(switch_at) + 1, 8, generator=g)
+    styles = _styles(len(switch_at) + 1, (8,), seed)
     prompt = 0
 
     calls: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -230,7 +245,8 @@ def run_wan_demo(
     on_block=None,
     switch_at: tuple[int, ...] = (),
 ) -> DemoResult:
-    """The demo on a random-weight diffusers ``WanTransformer3DModel`` (nothing downloaded).
+    """The demo on a random-weight diffusers ``WanTransformer3DModel`` (nothing downloaded),
+    its cross-attention output scaled by ``_SCENE_GAIN`` so that scenes show in its keys.
 
     DySink goes in through ``integrations.diffusers_wan`` (``enable_dysink`` and
     ``generate_video``, flow-matching timesteps ``1000 .. 1000/steps``); the prompt
@@ -255,6 +271,9 @@ def run_wan_demo(
     )  # fmt: skip
     # diffusers builds in fp32; casting warns that it keeps some modules in fp32
     # only through from_pretrained, so the default dtype skips the cast.
+    with torch.no_grad():  # see _SCENE_GAIN
+        for blk in model.blocks:
+            blk.attn2.to_out[0].weight.mul_(_SCENE_GAIN)
     model = (model.to(dev) if dtype == torch.float32 else model.to(dev, dtype)).eval()
     cfg = dysink_config_for(
         model, latent_hw, top_k=top_k, sink_frames=sink_frames, local_frames=local_frames,
@@ -266,7 +285,7 @@ def run_wan_demo(
     )  # fmt: skip
     g = torch.Generator().manual_seed(seed + 1)
     scene_ctx = torch.randn(n_scenes, text_len, text_dim, generator=g)
-    styles = 0.5 * torch.randn(len(switch_at) + 1, text_len, text_dim, generator=g)
+    styles = _styles(len(switch_at) + 1, (text_len, text_dim), seed)
     prompt_of = [sum(1 for s in switch_at if s <= i) for i in range(blocks)]
     encoder = torch.randn(64, channels * latent_hw[0] * latent_hw[1], generator=g)
     schedule = _scene_schedule(blocks, n_scenes, seed)
@@ -340,7 +359,7 @@ def format_block(r: dict) -> str:
         f"retrieved {r['retrieved']!s:12} | gated {r['gated']:2d}/{r['gate_decisions']:<3d} | "
         f"bank {r['bank_size']:3d} {'stored ' if r['stored'] else 'skipped'} | "
         f"entropy {ent} nats"
-        + ("" if not r.get("recached") else f" | new prompt: {r['recached']} blocks recached")
+        + ("" if not r.get("recached") else f" | new prompt: {r['recached']} recache forwards")
     )
 
 
