@@ -57,7 +57,7 @@ SHARES = {
 STAGES = ("tests", "attention", "small_ops", "pipeline", "model")
 FINAL_RESERVE = 0.04
 MAX_LOG_BYTES = 8 << 20
-PACKAGES = ("torch", "triton", "pytest", "pytest-benchmark", "einops", "numpy", "matplotlib")
+PACKAGES = ("torch", "triton", "pytest", "pytest-benchmark", "numpy", "matplotlib")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

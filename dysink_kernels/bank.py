@@ -1,4 +1,4 @@
-"""FrameBank: a preallocated, on-device pool of past blocks' K/V (DESIGN 3.4)."""
+"""FrameBank: a preallocated, on-device pool of past blocks' K/V (README: the protocol)."""
 
 from __future__ import annotations
 

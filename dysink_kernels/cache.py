@@ -1,4 +1,4 @@
-"""DySinkCache: the window ring, the frame bank and the per-block protocol (DESIGN 3.4).
+"""DySinkCache: the window ring, the frame bank and the per-block protocol (see the README).
 
 Layout of the per-layer local buffer (``local_k``/``local_v``, ``(layers, B, N, H, D)``
 with ``N = (sink_frames + ring_frames) * tokens_per_frame``)::

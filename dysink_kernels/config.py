@@ -49,7 +49,7 @@ def _flag(name: str, value: object) -> None:
 
 @dataclass(frozen=True)
 class DySinkConfig:
-    """Configuration of the DySink per-block protocol (DESIGN 2 and 3.4).
+    """Configuration of the DySink per-block protocol (README: protocol and Configuration).
 
     Model shape (no defaults, nothing hard-coded to Wan2.1-1.3B):
         num_layers, num_heads, head_dim: attention layers and their head layout.
@@ -88,7 +88,7 @@ class DySinkConfig:
         stats: compute ``lse``/``entropy``/``slot_mass`` on every call.
         softmax_scale: attention scale (default ``1/sqrt(head_dim)``).
 
-    Beyond the paper (DESIGN 4):
+    Beyond the paper (README: "Beyond the paper"):
         sink_rope: ``"original"`` (retrieved keys keep their RoPE phases, as the paper)
             or ``"relative"``: they are attended as if their block sat ``sink_distance``
             frames before the current block (the kernel turns their temporal RoPE

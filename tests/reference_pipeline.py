@@ -2,7 +2,7 @@
 lists of per-frame K/V, Python loops, host-side decisions, ``torch.cat``.
 
 It shares no code with the package (beyond torch), so the module is checked
-against an independent reading of DESIGN sections 2 and 3.4.
+against an independent reading of the published pipeline's semantics.
 """
 
 from __future__ import annotations

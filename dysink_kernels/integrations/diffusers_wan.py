@@ -1,4 +1,4 @@
-"""DySink on a diffusers ``WanTransformer3DModel`` (DESIGN 3.5).
+"""DySink on a diffusers ``WanTransformer3DModel`` (README: "diffusers (Wan2.1)").
 
 ``enable_dysink(transformer, cache)`` swaps the processor of every block's
 self-attention (``attn1``) for :class:`DySinkWanAttnProcessor`: the projections,

@@ -4,7 +4,7 @@ A retrieved sink keeps the RoPE phases of its original frames. With Wan's 3D RoP
 score of a query against a key carrying the same content is
 ``sum_j |x_j|^2 cos(w_j * distance)`` over the temporal pairs (plus the spatial ones),
 so as the sink's temporal distance grows the pairs drift through phase and, at some
-distances, partly come back into line in every head at once (DESIGN 2 ties this to
+distances, partly come back into line in every head at once (the DySink paper ties this to
 head homogenisation and sink collapse). In the simulation below the original sink's
 attention mass, inter-head similarity and gate ratio swing with the distance, while a
 sink re-positioned to a fixed distance (``sink_rope="relative"``) is independent of it.

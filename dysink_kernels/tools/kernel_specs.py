@@ -1,4 +1,4 @@
-"""Ahead-of-time specs of the small per-block kernels, at the DESIGN 5 shape:
+"""Ahead-of-time specs of the small per-block kernels, at the reference shape of Wan2.1-1.3B:
 B=1, 64 bank slots, F=1024 features, H=12, D=128, Sq=4680, a 23,400-key window,
 30 layers of 4,680-token entries in bf16. Block sizes follow each launcher, and the
 integer arguments take their production values so that the report sees what Triton

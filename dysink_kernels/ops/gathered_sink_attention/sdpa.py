@@ -40,7 +40,7 @@ import threading
 
 import torch
 
-from ..rope import rotate_temporal
+from ..rope.tables import rotate_pairs, temporal_cos_sin
 from .common import SinkAttnStats
 
 __all__ = ["gathered_attention_sdpa"]
@@ -177,7 +177,8 @@ def gathered_attention_sdpa(
         flat = slot_idx.clamp(min=0).long().view(-1)
         gk = _slot_rows(q, pool_k, pool_k_scale, flat).view(B, n, S_e, H, -1)
         if slot_delta is not None:  # re-positioned slots: turn the temporal RoPE pairs
-            gk = rotate_temporal(gk.float(), slot_delta.float()[..., None], rope_theta)
+            cos, sin = temporal_cos_sin(slot_delta[..., None], gk.shape[-1], rope_theta, dev)
+            gk = rotate_pairs(gk.float(), cos, sin)
         gv = _slot_rows(q, pool_v, pool_v_scale, flat).view(B, n, S_e, H, -1)
         _copy_rows(bits_k[:, :n_slot_keys].view(B, n, S_e, H, -1), gk, ones)
         _copy_rows(bits_v[:, :n_slot_keys].view(B, n, S_e, H, -1), gv, ones)

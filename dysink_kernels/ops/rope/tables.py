@@ -73,15 +73,16 @@ def temporal_cos_sin(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 ``(cos, sin)`` of a temporal shift by ``delta_frames``: ``(*delta.shape, 1, D/2)``
     (a singleton for the heads), the height and width pairs at angle 0."""
-    _n_t, n_h, n_w = wan_rope_axis_pairs(head_dim)
+    _, n_h, n_w = wan_rope_axis_pairs(head_dim)
     w_t = wan_rope_freqs(head_dim, theta, device)[0]
     if isinstance(delta_frames, torch.Tensor):
         delta = delta_frames.to(device=device, dtype=torch.float64)
     else:  # a fill on the device, not a host-to-device copy
         delta = torch.full((), float(delta_frames), dtype=torch.float64, device=device)
-    ang_t = delta[..., None] * w_t  # (*batch, n_t)
-    zeros = torch.zeros(*ang_t.shape[:-1], n_h + n_w, dtype=torch.float64, device=device)
-    ang = torch.cat([ang_t, zeros], dim=-1)[..., None, :]  # broadcast over heads
+    n_t = w_t.shape[0]
+    ang = torch.zeros(*delta.shape, n_t + n_h + n_w, dtype=torch.float64, device=device)
+    ang[..., :n_t] = delta[..., None] * w_t
+    ang = ang[..., None, :]  # broadcast over heads
     return torch.cos(ang).float(), torch.sin(ang).float()
 
 
