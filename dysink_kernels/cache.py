@@ -90,8 +90,9 @@ class DySinkCache:
         batch_size: videos generated together (each has its own bank entries).
         device, dtype: where and in which dtype K/V are kept; calls must match.
         bank_slots: bank capacity per sample (default ``config.max_entries`` or
-            32), at most ``MAX_BANK_SLOTS`` (65,536) and no more bytes than the
-            bank's device has; when ``max_entries`` is ``None`` it is also the FIFO cap.
+            32; 0 when ``config.top_k == 0``, a pure window), at most
+            ``MAX_BANK_SLOTS`` (65,536) and no more bytes than the bank's device has;
+            when ``max_entries`` is ``None`` it is also the FIFO cap.
         backend: backend of every op the cache runs (``"auto"``, ``"naive"``, ...).
         feature_dim: size of external features (default: taken from the first
             ``end_block``).

@@ -308,8 +308,8 @@ def bank_slots_for(
                 f"({entry} bytes each, batch {batch_size}); top_k={config.top_k} needs more"
             )
         bank_slots = min(bank_slots, config.max_entries or bank_slots)
-    if bank_slots is None:
-        bank_slots = config.max_entries or DEFAULT_BANK_SLOTS
+    if bank_slots is None:  # nothing retrieves from the bank when top_k == 0
+        bank_slots = 0 if config.top_k == 0 else config.max_entries or DEFAULT_BANK_SLOTS
     if isinstance(bank_slots, bool) or not isinstance(bank_slots, int) or bank_slots < 0:
         raise ValueError(f"bank_slots must be an int >= 0, got {bank_slots!r}")
     if bank_slots > MAX_BANK_SLOTS:

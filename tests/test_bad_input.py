@@ -176,3 +176,13 @@ def test_cache_constructor_names_the_argument():
         DySinkCache(cfg, store_latents="yes")
     with pytest.raises(ValueError, match="max_entries gives 100000 bank slots"):
         DySinkCache(dataclasses.replace(cfg, max_entries=100_000))
+
+
+def test_pure_window_allocates_no_bank():
+    """top_k=0 (Self-Forcing, LongLive) retrieves nothing: the default bank is empty."""
+    cfg = DySinkConfig.self_forcing(
+        num_layers=2, num_heads=2, head_dim=16, tokens_per_frame=4, local_frames=6
+    )
+    cache = DySinkCache(cfg, dtype=torch.float32)
+    assert cache.bank.k.shape[1] == 0
+    assert DySinkCache(cfg, dtype=torch.float32, bank_slots=3).bank.k.shape[1] == 3
