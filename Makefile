@@ -39,6 +39,7 @@ test: $(STAMP)
 
 test-triton-next: $(STAMP_NEXT)
 	PYTHONPATH=$(CURDIR) $(VENV_NEXT)/bin/python -m pytest $(NEXT_TESTS) -q
+	PYTHONPATH=$(CURDIR) $(VENV_NEXT)/bin/python -m pytest tests/ops -q -k triton
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
