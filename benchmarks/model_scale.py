@@ -259,8 +259,6 @@ def model_row(
     rec: Recorder, case: ModelCase, shape: ModelShape, timing, counters: dict, parts: dict
 ) -> dict:
     notes = [case.title, _memory_note(parts, counters)]
-    if case.name == BASELINE:
-        notes.append("the cache still stores each block in its bank with top_k=0")
     if case.pipeline == "reference_style" and shape.dtype != torch.float32:
         notes.append("attention: flash-attn when installed, else SDPA")
     return rec.add(

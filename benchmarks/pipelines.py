@@ -57,8 +57,9 @@ class OursPipeline:
         self.shape, self.device, self.work = shape, torch.device(device), work
         self.entries = entries
         # A free slot for the block's own entry (no eviction); the cache needs top_k.
-        cap = max(entries + 1, shape.top_k)
-        cfg = shape.config(max_entries=cap)
+        # A pure window (top_k=0) has no bank at all.
+        cap = max(entries + 1, shape.top_k) if shape.top_k > 0 else 0
+        cfg = shape.config(max_entries=cap or None)
         self.cache = DySinkCache(
             cfg,
             batch_size=shape.batch,
