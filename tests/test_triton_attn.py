@@ -260,3 +260,37 @@ def test_row_offsets_beyond_int32_are_refused():
     # an expanded view: stride 0 along the rows spans nothing
     small = torch.empty(2, 1, H, D, device=meta).expand(2, 2**21, H, D)
     tmod._check_offsets(pool_k=small)
+
+
+def _fma_chain_kernel():
+    """A one-program kernel around the kernel's ``_fma_chain`` (built on first use)."""
+    import triton
+    import triton.language as tl
+
+    from dysink_kernels.ops.gathered_sink_attention.triton import _fma_chain
+
+    @triton.jit
+    def kernel(A, B, ACC, OUT, M: tl.constexpr, W: tl.constexpr):
+        o_m = tl.arange(0, M)
+        o_w = tl.arange(0, W)
+        o_4 = tl.arange(0, 4)
+        a = tl.load(A + o_m[:, None] * W + o_w[None, :])
+        b = tl.load(B + o_m[:, None] * W + o_w[None, :])
+        acc = tl.load(ACC + o_m[:, None] * 4 + o_4[None, :])
+        tl.store(OUT + o_m[:, None] * 4 + o_4[None, :], _fma_chain(acc, a, b, M, W))
+
+    kernel.fn.__globals__["_fma_chain"] = _fma_chain
+    return kernel
+
+
+@pytest.mark.parametrize("width", [4, 8, 16, 32, 64, 128])
+def test_fma_chain_sums_rows_in_four_column_groups(width):
+    """The statistics' row moment: the four partial sums add up to ``sum(acc_i) +
+    sum_j a_ij b_ij`` at every tile width the kernel uses."""
+    gen = torch.Generator().manual_seed(width)
+    a, b = (torch.randn(16, width, generator=gen) for _ in range(2))
+    acc = torch.randn(16, 4, generator=gen)
+    out = torch.full((16, 4), float("nan"), device=DEVICE)
+    _fma_chain_kernel()[(1,)](a.to(DEVICE), b.to(DEVICE), acc.to(DEVICE), out, M=16, W=width)
+    want = acc.sum(1) + (a * b).sum(1)
+    torch.testing.assert_close(out.cpu().sum(1), want, atol=1e-5, rtol=1e-5)

@@ -78,8 +78,13 @@ def _canonical_attn_fwd(
     else:
         p_q = Q + (i_b * Sq + o_m)[:, None] * row_stride + i_h * D + o_d[None, :]
         b_q = tl.load(p_q, mask=m_q[:, None], other=0.0)
-        p_k = K + (k_row0 + o_n)[None, :] * row_stride + i_h * D + o_d[:, None]
-        p_v = V + (k_row0 + o_n)[:, None] * row_stride + i_h * D + o_d[None, :]
+        # K and V tiles share one (BLOCK_N, D) int32 offset tile from a scalar base
+        # each (a tile of 64-bit pointers per tensor, held through the loop, costs
+        # twice the registers); K is transposed in registers for the product.
+        kv_base = (k_row0 * row_stride + i_h * D).to(tl.int64)
+        o_kv = o_n[:, None] * row_stride + o_d[None, :]
+        p_k = K + kv_base
+        p_v = V + kv_base
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -90,8 +95,8 @@ def _canonical_attn_fwd(
             b_k = desc_k.load([k_row0 + start_n, i_h * D]).T
             b_v = desc_v.load([k_row0 + start_n, i_h * D])
         else:
-            b_k = tl.load(p_k + start_n * row_stride)
-            b_v = tl.load(p_v + start_n * row_stride)
+            b_k = tl.trans(tl.load(p_k + start_n * row_stride + o_kv))
+            b_v = tl.load(p_v + start_n * row_stride + o_kv)
         acc, m_i, l_i = _canonical_tile(b_q, b_k, b_v, acc, m_i, l_i, qk_scale, BLOCK_N,
                                         False, BLOCK_N, PRECISION)  # fmt: skip
     if n_full < Sk:
@@ -100,8 +105,8 @@ def _canonical_attn_fwd(
             b_v = desc_v.load([k_row0 + n_full, i_h * D])
         else:
             m_n = (n_full + o_n) < Sk
-            b_k = tl.load(p_k + n_full * row_stride, mask=m_n[None, :], other=0.0)
-            b_v = tl.load(p_v + n_full * row_stride, mask=m_n[:, None], other=0.0)
+            b_k = tl.trans(tl.load(p_k + n_full * row_stride + o_kv, mask=m_n[:, None], other=0.0))
+            b_v = tl.load(p_v + n_full * row_stride + o_kv, mask=m_n[:, None], other=0.0)
         acc, m_i, l_i = _canonical_tile(b_q, b_k, b_v, acc, m_i, l_i, qk_scale, Sk - n_full,
                                         True, BLOCK_N, PRECISION)  # fmt: skip
     acc = acc / l_i[:, None]

@@ -30,7 +30,8 @@ per (batch, head).
 Statistics (``STATS``; nothing of it in the plain loop), base-2 units ``y = s c``:
 
 * ``l = sum 2^(y - m)`` and ``u = sum 2^(y - m) y`` (raw scores: one FFMA per
-  element, the row's ``c`` applied to the row sum), both rescaled by ``2^(m_old -
+  element, chained by ``_fma_chain`` rather than left to ``tl.sum``'s reduction
+  tree, the row's ``c`` applied to the row sum), both rescaled by ``2^(m_old -
   m_new)``. ``lse = ln2 (m + log2 l)``; the entropy in nats is ``ln2 (m + log2 l -
   u / l)``.
 * per slot, its share of ``l`` is ``l_end - l_start 2^(m_start - m_end)``, taken once
@@ -51,11 +52,16 @@ the slot's score scale ``c``; the value scale is applied to the accumulator,
 divided by it at the slot's start and multiplied back at its end (once per slot),
 so ``p`` stays in ``[0, 1]``.
 
-Compiled loop (Triton 3.6, sm_90, BLOCK_M 128, BLOCK_N 64, D 128, bf16, 8 warps,
-3 stages; SASS instructions per 64 keys in each steady-state key loop; a plain
-Triton flash-attention forward over one contiguous KV: 339): plain 331-337, with
-statistics 377-379, re-positioned slots 375-381, fp8 slot loop 405 (2 stages).
-Triton 3.9: 355-365, 413-423, 397-423, 441. No configuration spills on either.
+Compiled loop (sm_90, BLOCK_M 128, BLOCK_N 64, D 128, bf16, 8 warps, 3 stages;
+SASS instructions per 64 keys in the worst steady-state key loop, from the kernel
+report): Triton 3.6: plain 334-337, with statistics 378-379, re-positioned slots
+381, fp8 slot loop 405 (2 stages), against 324-326 for the canonical
+flash-attention forward (``tools/canonical_attention.py``) at the same tiles.
+Triton 3.9: 357-365, 402-409, 409, 427, canonical 346-348. No configuration
+spills on either. (Q as a shared-memory operand through a 2-D descriptor was
+tried: 41 registers fewer with statistics, but ptxas then keeps the operand's
+descriptors in ordinary registers and moves them to uniform ones every tile: 355
+plain on 3.6, 427 with statistics on 3.9; not kept.)
 
 Warp specialisation, tried: ``tl.range(..., warp_specialize=True)`` on every key
 loop compiles for sm_90 on Triton 3.6 and 3.9 but changes nothing: no
@@ -114,10 +120,35 @@ def _fold(
             b_su = tl.where(keep[None, :], b_s, 0.0)
         else:
             b_su = b_s
-        u_i = u_i * alpha + tl.sum(b_p * b_su, 1) * c
+        z = tl.zeros([b_p.shape[0], 4], dtype=tl.float32)
+        u_i = u_i * alpha + tl.sum(_fma_chain(z, b_p, b_su, b_p.shape[0], BLOCK_N), 1) * c
     acc = acc * alpha[:, None]
     acc = tl.dot(b_p.to(b_v.dtype), b_v, acc, input_precision=PRECISION)
     return acc, m_new, l_i, u_i
+
+
+@triton.jit
+def _fma_chain(acc, a, b, BLOCK_M: tl.constexpr, W: tl.constexpr):
+    """``acc`` ``(BLOCK_M, 4)`` plus the products ``a * b`` of ``(BLOCK_M, W)`` tiles, each
+    row's columns summed into four partial sums (their total is ``sum_j a_ij b_ij``).
+
+    The columns are split in halves (the highest index bit first, the lowest last:
+    in the MMA accumulator layouts these halves lie in one thread's registers) down
+    to four, so each product is one FFMA of a chain. ``tl.sum(a * b, 1)`` is a
+    reduction tree on Triton 3.9, where half of the products need a multiply and
+    an add. The caller sums the four (across lanes) once per tile."""
+    if W == 4:
+        acc = acc + a * b
+    else:
+        if W == 8:
+            a0, a1 = tl.split(tl.reshape(a, (BLOCK_M, 4, 2)))
+            b0, b1 = tl.split(tl.reshape(b, (BLOCK_M, 4, 2)))
+        else:
+            a0, a1 = tl.split(tl.permute(tl.reshape(a, (BLOCK_M, 2, W // 2)), (0, 2, 1)))
+            b0, b1 = tl.split(tl.permute(tl.reshape(b, (BLOCK_M, 2, W // 2)), (0, 2, 1)))
+        acc = _fma_chain(acc, a0, b0, BLOCK_M, W // 2)
+        acc = _fma_chain(acc, a1, b1, BLOCK_M, W // 2)
+    return acc
 
 
 @triton.jit
