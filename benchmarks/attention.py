@@ -359,14 +359,14 @@ def config_scan(
     log: Callable[[str], None] = print,
 ) -> None:
     """The Triton kernel at the reference shape for every autotune candidate of its
-    head dim, with and without statistics (``_AUTOTUNE_CANDIDATES``)."""
+    head dim, with and without statistics (``AUTOTUNE_CANDIDATES``)."""
     import triton as _triton
 
     from dysink_kernels.ops.gathered_sink_attention import triton as tri
 
     shape = plan.attn
     block_d = max(16, _triton.next_power_of_2(shape.head_dim))
-    candidates = tri._AUTOTUNE_CANDIDATES[tri._dim_bucket(block_d)]
+    candidates = tri.AUTOTUNE_CANDIDATES[tri.dim_bucket(block_d)]
     default = tri.pick_config(device, shape.head_dim)
     inputs = attention_inputs(shape, device, n_sets=plan.n_sets)
     scale = 1.0 / math.sqrt(shape.head_dim)
