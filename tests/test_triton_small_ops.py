@@ -8,6 +8,7 @@ import torch
 
 from dysink_kernels import select_sinks, sink_gate
 from dysink_kernels.ops.bank_insert import bank_insert
+from dysink_kernels.ops.select_sinks import select_sinks_op
 from dysink_kernels.ops.select_sinks import triton as select_triton
 from dysink_kernels.ops.select_sinks.naive import select_sinks_naive
 from dysink_kernels.ops.sink_gate import gate_from_means
@@ -27,9 +28,10 @@ def i32(values) -> torch.Tensor:
 # ----------------------------------------------------------------------------- select_sinks
 def both_select(qf, sf, owner, frame, k, lo, hi, sink_frames=0):
     """Run the triton and naive backends; assert equal choices and close scores."""
-    kw = dict(k=k, exclude_lo=lo, exclude_hi=hi, sink_frames=sink_frames)
-    got = select_sinks(qf, sf, owner, frame, backend="triton", **kw)
-    want = select_sinks(qf, sf, owner, frame, backend="naive", **kw)
+    # Through the op (trusted callers), which also takes k above the slot count.
+    args = (qf, sf, owner, frame, k, lo, hi, sink_frames)
+    got = select_sinks_op(*args, backend="triton")
+    want = select_sinks_op(*args, backend="naive")
     assert got[0].dtype == torch.int32 and got[1].dtype == torch.float32
     assert got[0].shape == want[0].shape == (qf.shape[0], k)
     assert torch.equal(got[0], want[0]), (got[0], want[0])

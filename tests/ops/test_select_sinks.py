@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dysink_kernels import _registry, select_sinks
+from dysink_kernels.ops.select_sinks import select_sinks_op
 
 from conftest import op_backends
 
@@ -98,8 +99,12 @@ def test_fewer_candidates_pad_and_foreign_owners():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_bank_and_k_zero(backend):
     f = torch.randn(2, 1, 8)
-    slots, scores = run(f, torch.zeros(0, 8), [], [], 2, [0, 0], [0, 0], backend=backend)
-    assert (slots == -1).all() and torch.isneginf(scores).all()
+    with pytest.raises(ValueError, match="k=2 is more than the 0 slots"):
+        run(f, torch.zeros(0, 8), [], [], 2, [0, 0], [0, 0], backend=backend)
+    lo = hi = torch.zeros(2, dtype=torch.int32)
+    none = torch.zeros(0, dtype=torch.int32)
+    slots, scores = select_sinks_op(f, torch.zeros(0, 8), none, none, 2, lo, hi, backend=backend)
+    assert slots.shape == (2, 2) and (slots == -1).all() and torch.isneginf(scores).all()
     slots, _ = run(f, torch.randn(3, 8), [0, 1, 0], [0, 3, 6], 0, [0, 0], [0, 0], backend=backend)
     assert slots.shape == (2, 0)
 
@@ -135,7 +140,8 @@ def test_empty_problem(what, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_k_above_slot_count_is_bounded_and_padded(backend, monkeypatch):
-    """A huge k reaches no backend: the op asks for at most P slots and pads to (B, k)."""
+    """The public function refuses k > P before allocating anything; the op (trusted
+    callers) asks its backend for at most P slots and pads to (B, k)."""
     seen = []
     entry = _registry._REGISTRY["select_sinks"][backend]
     fn = entry.load()
@@ -148,7 +154,13 @@ def test_k_above_slot_count_is_bounded_and_padded(backend, monkeypatch):
     monkeypatch.setattr(entry, "_fn", spy)
     f = torch.randn(1, 2, 8)
     sf = torch.randn(3, 8)
-    slots, scores = run(f, sf, [0, 0, 0], [0, 3, 6], 10**5, [100], [100], backend=backend)
+    with pytest.raises(ValueError, match="k=100000000 is more than the 3 slots"):
+        run(f, sf, [0, 0, 0], [0, 3, 6], 10**8, [100], [100], backend=backend)
+    assert seen == []
+    owner = torch.zeros(3, dtype=torch.int32)
+    frame = torch.tensor([0, 3, 6], dtype=torch.int32)
+    lo = hi = torch.tensor([100], dtype=torch.int32)
+    slots, scores = select_sinks_op(f, sf, owner, frame, 10**5, lo, hi, backend=backend)
     assert seen == [3]
     assert slots.shape == (1, 10**5) and sorted(slots[0, :3].tolist()) == [0, 1, 2]
     assert (slots[0, 3:] == -1).all() and torch.isneginf(scores[0, 3:]).all()

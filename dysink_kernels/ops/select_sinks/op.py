@@ -95,8 +95,9 @@ def select_sinks(
         slot_feat: ``(P, F)`` bank features.
         slot_owner: ``(P,)`` int sample owning each slot, ``-1`` = free.
         slot_frame: ``(P,)`` int first frame index of each entry.
-        k: how many slots to return (``>= 0``); at most ``P`` can be chosen, the
-            rest is padding.
+        k: how many slots to return, ``0 <= k <= P`` (fewer candidates than ``k``
+            give padding). The op itself (``select_sinks_op``, for trusted callers)
+            also takes ``k > P``: its backends still see at most ``P``.
         exclude_lo, exclude_hi: ``(B,)`` int, frames ``[lo, hi)`` are excluded
             (``lo <= hi``).
         sink_frames: frames ``[0, sink_frames)`` are excluded (static sinks).
@@ -111,8 +112,8 @@ def select_sinks(
         padding).
 
     Raises:
-        TypeError, ValueError: wrong types, ranks, sizes, devices, ``k`` or
-            ``sink_frames`` below 0, ``exclude_lo > exclude_hi``.
+        TypeError, ValueError: wrong types, ranks, sizes, devices, ``k`` below 0 or
+            above ``P``, ``sink_frames`` below 0, ``exclude_lo > exclude_hi``.
         IndexError: an owner outside ``[-1, B)``. Value checks run on the host for
             CPU tensors and as device asserts otherwise.
     """
@@ -129,6 +130,8 @@ def select_sinks(
         check_tensor(t, name, 1, INDEX_DTYPES, device=device)
         check_dim(t, name, 0, B, "batch")
     check_count(k, "k")
+    if k > P:  # refused before anything of size k is allocated
+        raise ValueError(f"k={k} is more than the {P} slots of slot_feat (k <= P)")
     check_count(sink_frames, "sink_frames")
     if slot_prior is not None:
         check_tensor(slot_prior, "slot_prior", 2, (torch.float32,), device=device)
