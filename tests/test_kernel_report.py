@@ -226,9 +226,9 @@ def test_every_kernel_compiles_without_spills_and_fits(report):
 
 def test_attention_production_configs_present(report):
     arch, rows = report
-    attn = [r for r in rows if r["name"].startswith("gathered_attn")]
+    attn = [r for r in rows if r["name"].startswith("gathered_sink_attention")]
     names = {r["name"] for r in attn}
-    assert {"gathered_attn[module]", "gathered_attn[module+stats]"} <= names
+    assert {"gathered_sink_attention[module]", "gathered_sink_attention[module+stats]"} <= names
     for r in attn:
         assert r["config"]["D"] == 128 and r["config"]["dtype"] == "bf16"
         assert r["tensor_core_ops"] > 0
@@ -247,7 +247,7 @@ def test_every_attention_row_has_its_canonical_loop(report):
         if arch == "sm_90":
             assert c["hgmma"] > 0
     for r in rows:
-        if r["name"].startswith("gathered_attn"):
+        if r["name"].startswith("gathered_sink_attention"):
             assert r["loop_instructions"] is not None, r["name"]
             assert r["canonical"] in {c["loop_instructions"] for c in canonical}
             assert r["ratio"] == pytest.approx(r["loop_instructions"] / r["canonical"], abs=1e-3)
@@ -258,12 +258,12 @@ def test_attention_loop_within_canonical_budget(report):
     arch, rows = report
     if arch_number(arch) not in kr.LOOP_GATE_ARCHS:
         pytest.skip(f"the loop budget is gated on {kr.LOOP_GATE_ARCHS} only")
-    attn = {r["name"]: r for r in rows if r["name"].startswith("gathered_attn")}
+    attn = {r["name"]: r for r in rows if r["name"].startswith("gathered_sink_attention")}
     over = []
     for name, r in attn.items():
         call, flags = kr._flags(name)
         if flags & {"rotate", "fp8"}:
-            base = attn[f"gathered_attn[{call}]"]["loop_instructions"]
+            base = attn[f"gathered_sink_attention[{call}]"]["loop_instructions"]
             if r["loop_instructions"] > LOOP_RATIO_VARIANT * base:
                 over.append(f"{name}: {r['loop_instructions']} > {LOOP_RATIO_VARIANT} x {base}")
         else:
@@ -296,30 +296,35 @@ def test_gate_catches_problems():
 
 def test_loop_gates_per_variant():
     ok = [
-        _row("gathered_attn[module]", 300 * LOOP_RATIO_PLAIN - 0.5),
-        _row("gathered_attn[module+stats]", 300 * LOOP_RATIO_STATS - 0.5),
+        _row("gathered_sink_attention[module]", 300 * LOOP_RATIO_PLAIN - 0.5),
+        _row("gathered_sink_attention[module+stats]", 300 * LOOP_RATIO_STATS - 0.5),
         _row(
-            "gathered_attn[module+stats+rotate]",
+            "gathered_sink_attention[module+stats+rotate]",
             (300 * LOOP_RATIO_PLAIN - 0.5) * LOOP_RATIO_VARIANT,
         ),
-        _row("gathered_attn[op+stats+fp8]", 300.0),
-        _row("gathered_attn[op]", 290.0),
+        _row("gathered_sink_attention[op+stats+fp8]", 300.0),
+        _row("gathered_sink_attention[op]", 290.0),
     ]
     assert check_report(ok) == []
     bad = [
-        _row("gathered_attn[module]", 300 * LOOP_RATIO_PLAIN + 3),
-        _row("gathered_attn[module+stats]", 300 * LOOP_RATIO_STATS + 3),
-        _row("gathered_attn[module+stats+fp8]", 300 * LOOP_RATIO_PLAIN * LOOP_RATIO_VARIANT + 9),
-        _row("gathered_attn[op+stats]", None),
-        _row("gathered_attn[op+rotate]", 300.0),  # no plain op row
-        _row("gathered_attn[module]", 300.0, canonical=None, arch="sm_90"),
+        _row("gathered_sink_attention[module]", 300 * LOOP_RATIO_PLAIN + 3),
+        _row("gathered_sink_attention[module+stats]", 300 * LOOP_RATIO_STATS + 3),
+        _row(
+            "gathered_sink_attention[module+stats+fp8]",
+            300 * LOOP_RATIO_PLAIN * LOOP_RATIO_VARIANT + 9,
+        ),
+        _row("gathered_sink_attention[op+stats]", None),
+        _row("gathered_sink_attention[op+rotate]", 300.0),  # no plain op row
+        _row("gathered_sink_attention[module]", 300.0, canonical=None, arch="sm_90"),
     ]
     problems = check_report(bad)
     assert len(problems) == len(bad), problems
     assert "no steady-state key loop" in problems[3] and "no plain" in problems[4]
     assert "no canonical" in problems[5]
     # sm_80 is reported, not gated
-    assert check_report([_row("gathered_attn[module]", 900.0, arch="sm_80", hgmma=0)]) == []
+    assert (
+        check_report([_row("gathered_sink_attention[module]", 900.0, arch="sm_80", hgmma=0)]) == []
+    )
 
 
 # ----------------------------------------------------------------------------- real SASS

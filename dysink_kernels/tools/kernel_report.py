@@ -13,7 +13,7 @@ dominates it) whose body holds HGMMA/HMMA; it is counted from its head to its la
 backward branch, without the out-of-line paths the compiler places after it (an
 mbarrier wait's retry, a shuffle's divergent path). The same report compiles a
 canonical flash-attention forward over one contiguous KV at each attention
-configuration (``canonical_attention.py``), and every ``gathered_attn`` row carries
+configuration (``canonical_attention.py``), and every ``gathered_sink_attention`` row carries
 the canonical loop and the ratio ours/canonical. At two warps per scheduler a
 Hopper tile has ~1024 cycles of tensor-core work to hide the loop's issue slots in,
 so every instruction beyond the canonical loop is likely paid in time.
@@ -72,9 +72,9 @@ LOOP_RATIO_STATS = 1.20  # module+stats, op+stats
 LOOP_RATIO_VARIANT = 1.25
 LOOP_KEYS = 64  # loop_instructions are per this many keys
 LOOP_MIX_SHOWN = 12  # the most frequent opcodes of the worst loop, in --json
-ATTENTION_PREFIX = "gathered_attn"
+ATTENTION_PREFIX = "gathered_sink_attention"
 CANONICAL_NAME = "canonical_attn"
-# Flags in a gathered_attn[...] name that select the variant gate.
+# Flags in a gathered_sink_attention[...] name that select the variant gate.
 _VARIANT_FLAGS = frozenset({"rotate", "fp8"})
 _STATS_FLAG = "stats"
 # FMA contraction as Triton <= 3.9 applies it by default (the launchers pass no
@@ -529,7 +529,7 @@ def compile_report(arch: str | int) -> list[dict]:
 
 
 def _flags(name: str) -> tuple[str, frozenset[str]]:
-    """``gathered_attn[module+stats+fp8]`` -> ``("module", {"stats", "fp8"})``."""
+    """``gathered_sink_attention[module+stats+fp8]`` -> ``("module", {"stats", "fp8"})``."""
     inner = name[name.find("[") + 1 : name.rfind("]")] if "[" in name else ""
     call, *flags = inner.split("+")
     return call, frozenset(flags)

@@ -233,7 +233,7 @@ def gathered_attention_specs(arch: int, head_dim: int = 128, dtype: str = "bf16"
         )  # fmt: skip
         specs.append(
             KernelSpec(
-                name=f"gathered_attn[{label}]",
+                name=f"gathered_sink_attention[{label}]",
                 fn=att._gathered_attn_fwd,
                 signature=sig,
                 constexprs=const,
