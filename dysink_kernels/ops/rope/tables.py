@@ -62,10 +62,12 @@ def wan_rope_angles(
     pos_t = torch.arange(f, dtype=torch.float64, device=device) + offset[0]
     pos_h = torch.arange(h, dtype=torch.float64, device=device) + offset[1]
     pos_w = torch.arange(w, dtype=torch.float64, device=device) + offset[2]
-    a_t = (pos_t[:, None] * w_t[None, :])[:, None, None, :].expand(f, h, w, -1)
-    a_h = (pos_h[:, None] * w_h[None, :])[None, :, None, :].expand(f, h, w, -1)
-    a_w = (pos_w[:, None] * w_w[None, :])[None, None, :, :].expand(f, h, w, -1)
-    return torch.cat([a_t, a_h, a_w], dim=-1).reshape(f * h * w, head_dim // 2)
+    n_t, n_h = w_t.shape[0], w_h.shape[0]
+    ang = torch.empty(f, h, w, head_dim // 2, dtype=torch.float64, device=device)
+    ang[..., :n_t] = (pos_t[:, None] * w_t[None, :])[:, None, None, :]
+    ang[..., n_t : n_t + n_h] = (pos_h[:, None] * w_h[None, :])[None, :, None, :]
+    ang[..., n_t + n_h :] = (pos_w[:, None] * w_w[None, :])[None, None, :, :]
+    return ang.reshape(f * h * w, head_dim // 2)
 
 
 def temporal_cos_sin(

@@ -45,7 +45,9 @@ def gate_votes_torch(
         entry = q.new_zeros(B, n, H, D)
     # The local key set scored as entry 0 of the same reduction: equal key means give
     # bit-equal scores, which the strict vote relies on.
-    keys = torch.cat([kbar_local.float()[:, None], entry], dim=1)  # (B, 1 + n, H, D)
+    keys = q.new_empty(B, 1 + n, H, D)
+    keys[:, 0] = kbar_local
+    keys[:, 1:] = entry
     score = (keys * q[:, None]).sum(dim=-1)  # (B, 1 + n, H)
     against = (score[:, 1:] > score[:, :1]) & (slot_idx >= 0)[..., None]
     return against.sum(dim=-1, dtype=torch.float32)
