@@ -7,7 +7,8 @@ Nothing here imports Triton or the extension.
   variable must be set before Triton is first imported.
 * ``csrc``: the compiled extension (``dysink_kernels._C``), C++ on CPU tensors and
   CUDA on GPU tensors when it was built with CUDA.
-* ``sdpa``: gathered attention on PyTorch's fused CPU flash-attention kernel.
+* ``sdpa``: gathered attention on CPU tensors as two fp32 matrix products per query
+  block (the name is historical).
 * ``naive``: the plain PyTorch oracle, always available.
 """
 

@@ -86,13 +86,14 @@ def check_same_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
     return dtype
 
 
-def _values_checkable(t: torch.Tensor) -> bool:
+def _values_checkable() -> bool:
+    """Value checks run eagerly; under torch.compile they are left out of the graph."""
     return not torch.compiler.is_compiling()
 
 
 def check_index_range(t: torch.Tensor, name: str, lo: int, hi: int) -> None:
     """Every element of ``t`` must lie in ``[lo, hi]`` (inclusive)."""
-    if t.numel() == 0 or not _values_checkable(t):
+    if t.numel() == 0 or not _values_checkable():
         return
     if t.device.type == "cpu":
         t_min, t_max = int(t.min()), int(t.max())  # ok: host (CPU tensor, no device)
@@ -107,7 +108,7 @@ def check_index_range(t: torch.Tensor, name: str, lo: int, hi: int) -> None:
 
 def check_not_above(lo: torch.Tensor, hi: torch.Tensor, name_lo: str, name_hi: str) -> None:
     """Every ``lo[i] <= hi[i]`` (host check for CPU tensors, device assert otherwise)."""
-    if lo.numel() == 0 or not _values_checkable(lo):
+    if lo.numel() == 0 or not _values_checkable():
         return
     ok = (lo <= hi).all()
     if lo.device.type == "cpu":
@@ -133,7 +134,7 @@ def check_prefix_len(
 
 def check_finite(t: torch.Tensor, name: str) -> None:
     """``t`` must hold no NaN or Inf (device-side assert off the CPU)."""
-    if t.numel() == 0 or not _values_checkable(t):
+    if t.numel() == 0 or not _values_checkable():
         return
     ok = torch.isfinite(t).all()
     if t.device.type == "cpu":

@@ -256,3 +256,16 @@ def test_gate_votes_empty(backend):
     assert got.shape == (0, 2)
     got = gate_votes(qbar, kbar, means[:0], slots, backend)
     assert got.shape == slots.shape and (got == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_outputs_contiguous_for_strided_slots(backend):
+    """The fake promises contiguous (B, n) outputs; a transposed slot_idx gets them too."""
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(2, 3, 2, 8, generator=g), torch.randn(2, 4, 2, 8, generator=g)
+    means = torch.randn(4, 2, 8, generator=g)
+    slots = torch.tensor([[0, 2], [3, -1], [1, 1]], dtype=torch.int32).t()  # (2, 3), strided
+    kept, ratio = sink_gate(q, k, means, slots, backend=backend)
+    assert kept.is_contiguous() and ratio.is_contiguous() and ratio.dtype == torch.float32
+    want = sink_gate(q, k, means, slots.contiguous(), backend="naive")
+    assert torch.equal(kept, want[0]) and torch.equal(ratio, want[1])

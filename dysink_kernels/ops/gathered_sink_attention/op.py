@@ -15,8 +15,10 @@ import torch
 
 from ..._registry import define_op, register_backend
 from ..._validate import (
+    FLOAT_DTYPES,
     INDEX_DTYPES,
     check_dim,
+    check_finite,
     check_index_range,
     check_positive_number,
     check_prefix_len,
@@ -198,12 +200,13 @@ def gathered_sink_attention(
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if slot_rotate is not None:
-        check_tensor(slot_rotate, "slot_rotate", 2, None, device=device)
+        check_tensor(slot_rotate, "slot_rotate", 2, FLOAT_DTYPES + INDEX_DTYPES, device=device)
         if slot_rotate.shape != slot_idx.shape:
             raise ValueError(
                 f"slot_rotate must have the shape of slot_idx {tuple(slot_idx.shape)}, got "
                 f"{tuple(slot_rotate.shape)}"
             )
+        check_finite(slot_rotate, "slot_rotate")
         slot_rotate = slot_rotate.float()
 
     ranges = torch.stack([torch.zeros_like(k_len), k_len], dim=-1).to(torch.int32)[:, None, :]

@@ -509,14 +509,19 @@ def gathered_attention_triton(
 ) -> tuple[torch.Tensor, SinkAttnStats | None]:
     """Triton backend of ``gathered_sink_attention`` (see ``naive.py`` for the semantics)."""
     B, Sq, H, D = q.shape
+    if D % 16 or D > 256:  # tensor-core tiles need it; the matrix-product backend does not
+        from .sdpa import gathered_attention_sdpa
+
+        return gathered_attention_sdpa(
+            q, pool_k, pool_v, slot_idx, local_k, local_v, local_ranges, cur_k, cur_v,
+            softmax_scale, return_stats, slot_delta, rope_theta, pool_k_scale, pool_v_scale,
+        )  # fmt: skip
     quant = pool_k_scale is not None
     if quant:  # fp8 bank: the kernel reads its bytes and decodes them
         pool_k, pool_v = pool_k.view(torch.uint8), pool_v.view(torch.uint8)
         pool_k_scale = pool_k_scale.float().contiguous()
         pool_v_scale = pool_v_scale.float().contiguous()
-    if D % 16 or D > 256:
-        raise ValueError(f"the triton backend needs head_dim a multiple of 16 up to 256, got {D}")
-    q = _last_dim_contiguous(q)
+    q_in, q = q, _last_dim_contiguous(q)
     pool_k, pool_v = _same_layout(pool_k, pool_v)
     if quant and pool_k_scale.stride() != pool_v_scale.stride():
         raise ValueError("pool_k_scale and pool_v_scale must share a layout")
@@ -598,6 +603,8 @@ def gathered_attention_triton(
         FP8_NATIVE=quant and _native_fp8(q.device),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+    if not q_in.is_contiguous():  # the op's output is laid out like q (torch.empty_like)
+        out = torch.empty_like(q_in).copy_(out)
     if not return_stats:
         return out, None
     slot_mass = mass.sum(dim=2)[..., :n] / max(Sq, 1)

@@ -40,7 +40,15 @@ for _name in ("triton", "csrc"):
 
 
 def _fake(a) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(a.slot_idx), a.slot_idx.new_empty(a.slot_idx.shape, dtype=torch.float32)
+    """Contiguous ``(B, n)`` kept slots (the dtype of ``slot_idx``) and fp32 ratios."""
+    return a.slot_idx.new_empty(a.slot_idx.shape), a.slot_idx.new_empty(
+        a.slot_idx.shape, dtype=torch.float32
+    )
+
+
+def _contiguous(result: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    kept, ratio = result
+    return kept.contiguous(), ratio.contiguous()
 
 
 def _nothing_to_judge(a) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -49,7 +57,7 @@ def _nothing_to_judge(a) -> tuple[torch.Tensor, torch.Tensor] | None:
     if B * n * a.slot_mean_k.shape[1] * a.slot_mean_k.shape[0] != 0:
         return None
     ratio = torch.zeros((B, n), dtype=torch.float32, device=a.slot_idx.device)
-    return a.slot_idx.clone(), ratio
+    return a.slot_idx.contiguous().clone(), ratio
 
 
 def _call(fn, a) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,13 +66,14 @@ def _call(fn, a) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"q.shape[3] (head_dim) must be > 0, got shape {tuple(a.q.shape)}")
     empty = _nothing_to_judge(a)
     if empty is None and a.q.shape[1] == 0:  # no query: no head votes
-        empty = a.slot_idx.clone(), torch.zeros(a.slot_idx.shape, device=a.slot_idx.device)
-    return fn(*a[:-1]) if empty is None else empty
+        ratio = torch.zeros(a.slot_idx.shape, dtype=torch.float32, device=a.slot_idx.device)
+        empty = a.slot_idx.contiguous().clone(), ratio
+    return _contiguous(fn(*a[:-1])) if empty is None else empty
 
 
 def _call_means(fn, a) -> tuple[torch.Tensor, torch.Tensor]:
     empty = _nothing_to_judge(a)
-    return fn(*a[:-1]) if empty is None else empty
+    return _contiguous(fn(*a[:-1])) if empty is None else empty
 
 
 _SCOPE_ARGS = 'float tau=0.8, str scope="batch", str backend="auto") -> (Tensor, Tensor)'
