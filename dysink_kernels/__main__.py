@@ -100,7 +100,9 @@ def _check_demo(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.device != "cpu" and not args.device.startswith("cuda"):
         p.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     dev = "cuda" if args.device.startswith("cuda") else "cpu"
-    names = {"auto"} | {b for op in registered_ops() for b in available_backends(op, dev)}
+    # The cache passes its backend to every op it dispatches (RoPE takes none).
+    cache_ops = [op for op in registered_ops() if op not in ("apply_wan_rope", "rotate_temporal")]
+    names = {"auto"} | set.intersection(*(set(available_backends(op, dev)) for op in cache_ops))
     if args.backend not in names:
         p.error(f"--backend must be one of {sorted(names)} on {dev}, got {args.backend!r}")
     try:

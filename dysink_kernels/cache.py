@@ -105,9 +105,11 @@ class DySinkCache:
             (``offload.py``); results equal the on-device bank's.
         max_bank_bytes: bank budget in bytes of K/V (all samples); sets the slots per
             sample instead of ``bank_slots`` (at most ``config.max_entries``).
-        bank_dtype: the bank's K/V dtype: ``dtype`` (default) or ``torch.float8_e4m3fn``
-            (half the bytes of bf16; one fp32 scale per layer, slot and head, computed
-            at insert; the attention dequantises while loading; see ``fp8.py``).
+        bank_dtype: the bank's K/V dtype: ``dtype`` (default), ``torch.bfloat16`` (K/V
+            rounded to bf16 in an fp32/fp16 run, as the published bank) or
+            ``torch.float8_e4m3fn`` (half the bytes of bf16; one fp32 scale per layer,
+            slot and head, computed at insert; the attention dequantises while loading;
+            see ``fp8.py``).
         store_latents: keep each stored block's clean latent (per bank slot and per
             window block; ``end_block(latent=...)``) so that :meth:`recache` can
             recompute their K/V under a new prompt. Costs one block latent per slot and
@@ -473,8 +475,10 @@ class DySinkCache:
 
         self.bank.usage.mul_(c.usage_decay)
         evict_key = self.bank.least_relevant_order() if c.eviction == "least_relevant" else None
+        # A cosine of a feature with itself can round above 1: dedup=1 means "store all".
+        dedup = None if c.dedup is None or c.dedup >= 1 else c.dedup
         stored, slot = self.bank.insert(
-            self.local_k, self.local_v, self.write_pos, feat, self.frame_dev, c.dedup,
+            self.local_k, self.local_v, self.write_pos, feat, self.frame_dev, dedup,
             backend=self.backend, evict_key=evict_key,
         )  # fmt: skip
         self.last_stored.copy_(stored)
@@ -594,6 +598,9 @@ class DySinkCache:
         self.slot_idx.fill_(-1)  # nothing retrieved until the next begin_block
         self.slot_score.fill_(float("-inf"))
         self._health.clear()
+        self.recacher.forget_latents()  # the earlier video's latents do not belong here
+        self._stats = [None] * self.config.num_layers
+        self.anomaly_tracker.last = [None] * self.config.num_layers
         self.block = int(state["block"])
 
     def reset(self) -> None:

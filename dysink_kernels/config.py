@@ -115,7 +115,6 @@ class DySinkConfig:
             by ``usage_decay`` at every block.
         relevance_mix: blends the normalised usage into retrieval scores:
             ``(1 - mix) * cosine + mix * usage / max_usage_of_the_sample`` (0 = paper).
-            With ``mix > 0`` retrieval runs the PyTorch implementation.
         usage_decay: per-block decay of the usage (``(0, 1]``).
 
     Precision:

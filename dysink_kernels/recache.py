@@ -10,7 +10,7 @@ re-encoded in one forward over its last ``min(L_eff, c)`` frames (``c`` = frames
 generated so far), in which every one of those frames attends all of them: the
 published code prepares a block-causal mask for that forward, but its KV-cache
 attention path does not apply it (``block_causal=True`` applies it instead).
-``window="blocks"`` keeps the earlier behaviour (each window block attends itself).
+``window="blocks"``: each window block attends itself.
 """
 
 from __future__ import annotations
@@ -63,6 +63,10 @@ class Recacher:
         self.window_blocks = -(-c.ring_frames // c.frames_per_block) + 1
         self.window_blocks += c.sink_frames // c.frames_per_block
         self.target: _RecacheTarget | None = None
+
+    def forget_latents(self) -> None:
+        """Drop the stored latents (a loaded checkpoint carries none)."""
+        self.bank_latent = self.window_latent = None
 
     def check_latent(self, latent: torch.Tensor | None) -> None:
         if not self.store_latents:
@@ -147,7 +151,8 @@ class Recacher:
         attends all of them; with ``window="blocks"`` each window block attends itself.
 
         Reads the bank's occupancy once on the host (a prompt switch is rare); nothing
-        inside a block's recache synchronises. Returns the number of forwards run.
+        inside a block's recache synchronises. Returns the number of bank entries and
+        window blocks or ranges recached.
         """
         if window not in ("joint", "blocks"):
             raise ValueError(f'window must be "joint" or "blocks", got {window!r}')
@@ -159,6 +164,11 @@ class Recacher:
                 "and pass end_block(latent=...)"
             )
         if self.window_latent is None:
+            if self.cache.block > 0:
+                raise RuntimeError(
+                    "recache: this cache holds no latents for its stored blocks (latents are "
+                    "not part of state_dict; a restored cache cannot recache earlier blocks)"
+                )
             return 0
         c = self.cache.config
         owner = self.cache.bank.owner.tolist()  # ok: host (once per prompt switch)
@@ -192,7 +202,8 @@ class Recacher:
             count += 1
         if window == "joint" and n > 0:
             rows = [self.latent_row(b) for b in range(lo // fpb, self.cache.frame // fpb)]
-            latent = self.window_latent[:, rows].flatten(1, 2)  # (B, n, ...)
+            # (B, n, ...): whole blocks, less the frames before the window's first
+            latent = self.window_latent[:, rows].flatten(1, 2)[:, lo - lo // fpb * fpb :]
             target = _WindowTarget(lo, self.cache.batch_size, block_causal=False)
             self._run(run_block, latent, [lo], target)
             count += 1

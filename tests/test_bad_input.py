@@ -186,3 +186,39 @@ def test_pure_window_allocates_no_bank():
     cache = DySinkCache(cfg, dtype=torch.float32)
     assert cache.bank.k.shape[1] == 0
     assert DySinkCache(cfg, dtype=torch.float32, bank_slots=3).bank.k.shape[1] == 3
+
+
+def _one_block(cache, attn, x, layers):
+    cache.begin_block()
+    for layer in range(layers):
+        attn(x, x, x, cache=cache, layer=layer)
+    for layer in range(layers):
+        attn(x, x, x, cache=cache, layer=layer, commit=True)
+
+
+def test_dedup_one_stores_every_block():
+    """A feature's cosine with itself can round above 1: dedup=1 must still store all."""
+    cfg = DySinkConfig(num_layers=1, num_heads=1, head_dim=8, tokens_per_frame=2, dedup=1.0)
+    cache = DySinkCache(cfg, dtype=torch.float32, bank_slots=64)
+    attn = SinkAttention(cfg)
+    g = torch.Generator().manual_seed(0)
+    feat = torch.randn(1, 768, generator=g)
+    x = torch.randn(1, 6, 1, 8, generator=g)
+    for _ in range(20):
+        _one_block(cache, attn, x, 1)
+        cache.end_block(feat)  # the same feature every time
+    assert int(cache.bank_size()[0]) == 20
+
+
+def test_restored_cache_refuses_recache_without_latents():
+    cfg = DySinkConfig(num_layers=1, num_heads=1, head_dim=8, tokens_per_frame=2)
+    make = lambda: DySinkCache(cfg, dtype=torch.float32, store_latents=True, feature_dim=4)
+    cache, attn = make(), SinkAttention(cfg)
+    x = torch.randn(1, 6, 1, 8)
+    for _ in range(3):
+        _one_block(cache, attn, x, 1)
+        cache.end_block(torch.randn(1, 4), latent=torch.randn(1, 3, 2))
+    restored = make()
+    restored.load_state_dict(cache.state_dict())
+    with pytest.raises(RuntimeError, match="holds no latents"):
+        restored.recache(lambda latent, first: None)

@@ -221,10 +221,12 @@ def test_recache_without_latents_is_refused_and_cache_stays_usable():
     assert cache.block == 4
 
 
-def test_joint_window_matches_one_fresh_forward():
+@pytest.mark.parametrize("local_frames", [9, 10])
+def test_joint_window_matches_one_fresh_forward(local_frames):
     """After a joint recache the window holds the K/V of ONE clean forward over its last
-    ``min(L_eff, c)`` frames (here the bank is full: ``L_eff = L = 9``)."""
-    cfg = tiny_config(max_entries=4, dedup=None)
+    ``min(L_eff, c)`` frames (here the bank is full: ``L_eff = L``; with L = 10 the
+    window does not start on a block boundary)."""
+    cfg = tiny_config(max_entries=4, dedup=None, local_frames=local_frames)
     torch.manual_seed(0)
     model = TinyVideoDiT(cfg.num_layers, cfg.num_heads, cfg.head_dim, GRID)
     g = torch.Generator().manual_seed(1)
@@ -238,20 +240,23 @@ def test_joint_window_matches_one_fresh_forward():
         noise = torch.randn(1, 3, 8, 4, generator=g)
         latents.append(generate_block(model, noise, cond_a, 3 * i, attend, generator=g))
         cache.end_block(torch.randn(1, 5, generator=g), latent=latents[-1])
-    assert cache.recacher.window_frames() == 9
+    n = cache.recacher.window_frames()
+    assert n == local_frames
+    lo = 18 - n
     calls = []
     cache.recache(
         lambda lat, first: (
             calls.append((lat.shape[1], first)) or model(lat, 0.0, cond_b, first, attend, True)
         )
     )
-    assert calls[-1] == (9, 9) and len(calls) == 1 + 4  # 4 bank entries, one window forward
+    assert calls[-1] == (n, lo) and len(calls) == 1 + 4  # 4 bank entries, one window forward
     store = {}
-    model(torch.cat(latents[3:], dim=1), 0.0, cond_b, 9, _full_attention(store), True)
+    window = torch.cat(latents, dim=1)[:, lo:]
+    model(window, 0.0, cond_b, lo, _full_attention(store), True)
     T = cfg.tokens_per_frame
-    for f in range(9, 18):
+    for f in range(lo, 18):
         pos = cache.recacher.frame_slot(f)
         for layer in range(cfg.num_layers):
             got = cache.local_k[layer, 0, pos * T : (pos + 1) * T]
-            want = store[layer][0][0, (f - 9) * T : (f - 8) * T]
+            want = store[layer][0][0, (f - lo) * T : (f - lo + 1) * T]
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -97,8 +97,8 @@ class CausalWanHandle:
         self.clean_timestep = clean_timestep
         self.block_causal_recache = block_causal_recache
         self._cache_kwargs = dict(cache_kwargs or {})
-        if bank_slots is not None or config.top_k == 0:
-            self._cache_kwargs["bank_slots"] = 0 if bank_slots is None else bank_slots
+        if bank_slots is not None:  # (a pure window gets an empty bank by default)
+            self._cache_kwargs["bank_slots"] = bank_slots
         self._clean = False
         self._forced_clean = False
         self._index_ids: tuple[int, ...] = ()

@@ -146,8 +146,6 @@ def dysink_cache_from_kv_cache(
         frames_per_block=frames_per_block, local_frames=local_frames, sink_frames=sink_size,
         top_k=top_k, **config_overrides,
     )  # fmt: skip
-    if bank_slots is None and cfg.top_k == 0:
-        bank_slots = 0  # a pure window keeps no bank
     return DySinkCache(
         cfg, batch_size=B, device=k0.device, dtype=k0.dtype, bank_slots=bank_slots,
         backend=backend, feature_dim=feature_dim, bank_dtype=bank_dtype,
