@@ -49,41 +49,36 @@ def aot_specs(arch: int) -> list[KernelSpec]:
     specs = gathered_attention_specs(arch)
     block_p = min(triton.next_power_of_2(P), sel.MAX_BLOCK_P)
     block_f = min(triton.next_power_of_2(F), max(sel.TILE_ELEMS // block_p, 1))
+    # One kernel, three variants: top-k, top-k with the usage prior (relevance_mix > 0),
+    # and the scores alone (k > MAX_K). Arguments a variant does not read take 0.
     values = _named(
         "M F P k sink_frames stride_qb stride_qm stride_qf stride_sp stride_sf stride_owner "
-        "stride_frame stride_lo stride_hi stride_ob stride_ok stride_cb stride_ck",
-        (M, F, P, K, 0, *_strides(B, M, F), *_strides(P, F), 1, 1, 1, 1, *_strides(B, K),
-         *_strides(B, K)),
+        "stride_frame stride_lo stride_hi stride_prb stride_prp stride_ob stride_ok "
+        "stride_cb stride_ck",
+        (M, F, P, K, 0, *_strides(B, M, F), *_strides(P, F), 1, 1, 1, 1, 0, 0,
+         *_strides(B, K), *_strides(B, K)),
     )  # fmt: skip
-    specs.append(_spec(
-        "select_sinks", sel._select_sinks_fwd,
-        {"qf_ptr": "*fp32", "sf_ptr": "*fp32", "owner_ptr": "*i32", "frame_ptr": "*i32",
-         "lo_ptr": "*i32", "hi_ptr": "*i32", "slot_out_ptr": "*i32", "score_out_ptr": "*fp32"},
-        dict(NORM_EPS=sel.NORM_EPS, BLOCK_M=triton.next_power_of_2(M), BLOCK_F=block_f,
-             BLOCK_P=block_p, BLOCK_K=triton.next_power_of_2(K)),
-        values, sel.NUM_WARPS, {"P": P, "F": F, "k": K},
-    ))  # fmt: skip
-    # With the usage prior (relevance_mix > 0), and the scores alone (k > MAX_K).
-    values.update(_named("stride_prb stride_prp", _strides(B, P)))
-    specs.append(_spec(
-        "select_sinks.prior", sel._select_sinks_prior_fwd,
-        {"qf_ptr": "*fp32", "sf_ptr": "*fp32", "owner_ptr": "*i32", "frame_ptr": "*i32",
-         "lo_ptr": "*i32", "hi_ptr": "*i32", "prior_ptr": "*fp32", "slot_out_ptr": "*i32",
-         "score_out_ptr": "*fp32"},
-        dict(NORM_EPS=sel.NORM_EPS, BLOCK_M=triton.next_power_of_2(M), BLOCK_F=block_f,
-             BLOCK_P=block_p, BLOCK_K=triton.next_power_of_2(K)),
-        values, sel.NUM_WARPS, {"P": P, "F": F, "k": K}, floats=("w_cos", "w_prior"),
-    ))  # fmt: skip
-    values.update(_named("stride_cb stride_cp", _strides(B, P)))
-    specs.append(_spec(
-        "select_sinks.scores", sel._select_scores_fwd,
-        {"qf_ptr": "*fp32", "sf_ptr": "*fp32", "owner_ptr": "*i32", "frame_ptr": "*i32",
-         "lo_ptr": "*i32", "hi_ptr": "*i32", "prior_ptr": "*fp32", "score_ptr": "*fp32"},
-        dict(NORM_EPS=sel.NORM_EPS, BLOCK_M=triton.next_power_of_2(M), BLOCK_F=block_f,
-             BLOCK_P=block_p, HAS_PRIOR=True),
-        {n: v for n, v in values.items() if n in sel._select_scores_fwd.arg_names},
-        sel.NUM_WARPS, {"P": P, "F": F, "prior": True}, floats=("w_cos", "w_prior"),
-    ))  # fmt: skip
+    pointers = {"qf_ptr": "*fp32", "sf_ptr": "*fp32", "owner_ptr": "*i32", "frame_ptr": "*i32",
+                "lo_ptr": "*i32", "hi_ptr": "*i32", "prior_ptr": "*fp32",
+                "slot_out_ptr": "*i32", "score_out_ptr": "*fp32"}  # fmt: skip
+    blocks = dict(NORM_EPS=sel.NORM_EPS, BLOCK_M=triton.next_power_of_2(M), BLOCK_F=block_f,
+                  BLOCK_P=block_p)  # fmt: skip
+    top_k = dict(blocks, BLOCK_K=triton.next_power_of_2(K), TOPK=True)
+    prior_values = dict(values, **_named("stride_prb stride_prp", _strides(B, P)))
+    scores_values = dict(
+        prior_values, k=0, stride_ob=0, stride_ok=0,
+        **_named("stride_cb stride_ck", _strides(B, P)),
+    )  # fmt: skip
+    for name, constexprs, vals, config, ptrs in (
+        ("select_sinks", dict(top_k, HAS_PRIOR=False), values, {"P": P, "F": F, "k": K},
+         pointers),
+        ("select_sinks.prior", dict(top_k, HAS_PRIOR=True), prior_values,
+         {"P": P, "F": F, "k": K}, pointers),
+        ("select_sinks.scores", dict(blocks, BLOCK_K=1, TOPK=False, HAS_PRIOR=True),
+         scores_values, {"P": P, "F": F, "prior": True}, dict(pointers, slot_out_ptr="*fp32")),
+    ):  # fmt: skip
+        specs.append(_spec(name, sel._select_sinks_fwd, ptrs, constexprs, vals, sel.NUM_WARPS,
+                           config, floats=("w_cos", "w_prior")))  # fmt: skip
 
     nq, nk = gate._split_rows(SQ, SK, B, H)
     rows_q, rows_k = -(-SQ // nq), -(-SK // nk)

@@ -25,11 +25,10 @@ for the candidates only).
 
 Cost: ``ceil(P / BLOCK_P) * k`` passes of two ``BLOCK_P``-wide reductions, which
 is why the register top-k is bounded by ``MAX_K`` and a whole production bank
-(``P <= MAX_BLOCK_P``) fits one tile. A larger ``k`` runs ``_select_scores_fwd``,
-the same program without the ranking: it writes the masked ``(B, P)`` scores, and a
-device sort ranks them (``_rank_scores``). ``_select_sinks_fwd`` (no prior) and
-``_select_sinks_prior_fwd`` are the register top-k kernels; all three share
-``_select_program``.
+(``P <= MAX_BLOCK_P``) fits one tile. A larger ``k`` runs the same kernel without
+the ranking (``TOPK=False``): it writes the masked ``(B, P)`` scores, and a device
+sort ranks them (``_rank_scores``). ``HAS_PRIOR`` switches the blend in or out, so
+each of the three variants compiles only the code it runs.
 """
 
 from __future__ import annotations
@@ -103,7 +102,7 @@ def _write_ranked(r_score, r_key, p_slot, stride_ok, p_score, stride_ck, P, k,
 
 
 @triton.jit
-def _select_program(
+def _select_sinks_fwd(
     qf_ptr,
     sf_ptr,
     owner_ptr,
@@ -143,7 +142,7 @@ def _select_program(
     HAS_PRIOR: tl.constexpr,
     TOPK: tl.constexpr,
 ):
-    """Sample ``i_b``'s program of the three kernels below; see the module docstring.
+    """One program per sample ``i_b`` (grid ``(B,)``); see the module docstring.
 
     ``HAS_PRIOR``: blend ``w_cos * cosine + w_prior * prior[i_b, p]``. ``TOPK``: rank
     in registers and write ``k`` slots and scores. Otherwise write the masked scores
@@ -229,144 +228,6 @@ def _select_program(
                       score_out_ptr + i_b * stride_cb, stride_ck, P, k, BLOCK_K)  # fmt: skip
 
 
-@triton.jit
-def _select_sinks_fwd(
-    qf_ptr,
-    sf_ptr,
-    owner_ptr,
-    frame_ptr,
-    lo_ptr,
-    hi_ptr,
-    slot_out_ptr,
-    score_out_ptr,
-    M,
-    F,
-    P,
-    k,
-    sink_frames,
-    stride_qb,
-    stride_qm,
-    stride_qf,
-    stride_sp,
-    stride_sf,
-    stride_owner,
-    stride_frame,
-    stride_lo,
-    stride_hi,
-    stride_ob,
-    stride_ok,
-    stride_cb,
-    stride_ck,
-    NORM_EPS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_F: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """Top-k bank slots of each sample by mean cosine (grid ``(B,)``)."""
-    _select_program(
-        qf_ptr, sf_ptr, owner_ptr, frame_ptr, lo_ptr, hi_ptr, qf_ptr, slot_out_ptr,
-        score_out_ptr, M, F, P, k, sink_frames, 1.0, 0.0,
-        stride_qb, stride_qm, stride_qf, stride_sp, stride_sf, stride_owner, stride_frame,
-        stride_lo, stride_hi, 0, 0, stride_ob, stride_ok, stride_cb, stride_ck,
-        NORM_EPS, BLOCK_M, BLOCK_F, BLOCK_P, BLOCK_K, False, True,
-    )  # fmt: skip
-
-
-@triton.jit
-def _select_sinks_prior_fwd(
-    qf_ptr,
-    sf_ptr,
-    owner_ptr,
-    frame_ptr,
-    lo_ptr,
-    hi_ptr,
-    prior_ptr,
-    slot_out_ptr,
-    score_out_ptr,
-    M,
-    F,
-    P,
-    k,
-    sink_frames,
-    w_cos,
-    w_prior,
-    stride_qb,
-    stride_qm,
-    stride_qf,
-    stride_sp,
-    stride_sf,
-    stride_owner,
-    stride_frame,
-    stride_lo,
-    stride_hi,
-    stride_prb,
-    stride_prp,
-    stride_ob,
-    stride_ok,
-    stride_cb,
-    stride_ck,
-    NORM_EPS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_F: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """Top-k bank slots of each sample by ``w_cos * cosine + w_prior * prior`` (grid ``(B,)``)."""
-    _select_program(
-        qf_ptr, sf_ptr, owner_ptr, frame_ptr, lo_ptr, hi_ptr, prior_ptr, slot_out_ptr,
-        score_out_ptr, M, F, P, k, sink_frames, w_cos, w_prior,
-        stride_qb, stride_qm, stride_qf, stride_sp, stride_sf, stride_owner, stride_frame,
-        stride_lo, stride_hi, stride_prb, stride_prp, stride_ob, stride_ok, stride_cb, stride_ck,
-        NORM_EPS, BLOCK_M, BLOCK_F, BLOCK_P, BLOCK_K, True, True,
-    )  # fmt: skip
-
-
-@triton.jit
-def _select_scores_fwd(
-    qf_ptr,
-    sf_ptr,
-    owner_ptr,
-    frame_ptr,
-    lo_ptr,
-    hi_ptr,
-    prior_ptr,
-    score_ptr,
-    M,
-    F,
-    P,
-    sink_frames,
-    w_cos,
-    w_prior,
-    stride_qb,
-    stride_qm,
-    stride_qf,
-    stride_sp,
-    stride_sf,
-    stride_owner,
-    stride_frame,
-    stride_lo,
-    stride_hi,
-    stride_prb,
-    stride_prp,
-    stride_cb,
-    stride_cp,
-    NORM_EPS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_F: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    HAS_PRIOR: tl.constexpr,
-):
-    """The masked ``(B, P)`` scores alone, for a ``k`` above ``MAX_K`` (grid ``(B,)``)."""
-    _select_program(
-        qf_ptr, sf_ptr, owner_ptr, frame_ptr, lo_ptr, hi_ptr, prior_ptr, score_ptr,
-        score_ptr, M, F, P, 0, sink_frames, w_cos, w_prior,
-        stride_qb, stride_qm, stride_qf, stride_sp, stride_sf, stride_owner, stride_frame,
-        stride_lo, stride_hi, stride_prb, stride_prp, 0, 0, stride_cb, stride_cp,
-        NORM_EPS, BLOCK_M, BLOCK_F, BLOCK_P, 1, HAS_PRIOR, False,
-    )  # fmt: skip
-
-
 def _rank_scores(
     score: torch.Tensor, slot_frame: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -435,30 +296,24 @@ def select_sinks_triton(
     w_prior = float(prior_mix) if has_prior else 0.0
     prior = slot_prior if has_prior else query_feat  # never read without the prior
     prior_strides = (prior.stride(0), prior.stride(1)) if has_prior else (0, 0)
-    inputs = (query_feat, slot_feat, slot_owner, slot_frame, exclude_lo, exclude_hi)
-    if k > MAX_K:
+    head = (query_feat, slot_feat, slot_owner, slot_frame, exclude_lo, exclude_hi, prior)
+    meta = dict(NORM_EPS=NORM_EPS, BLOCK_M=block_m, BLOCK_F=block_f, BLOCK_P=block_p,
+                HAS_PRIOR=has_prior, num_warps=NUM_WARPS)  # fmt: skip
+    weights = (1.0 - w_prior, w_prior)
+    if k > MAX_K:  # the masked scores alone (written through score_out), ranked by a sort
         score = torch.empty((B, P), dtype=torch.float32, device=device)
-        _select_scores_fwd[(B,)](
-            *inputs, prior, score, M, F, P, sink_frames, 1.0 - w_prior, w_prior,
-            *common, *prior_strides, score.stride(0), score.stride(1),
-            NORM_EPS=NORM_EPS, BLOCK_M=block_m, BLOCK_F=block_f, BLOCK_P=block_p,
-            HAS_PRIOR=has_prior, num_warps=NUM_WARPS,
+        _select_sinks_fwd[(B,)](
+            *head, score, score, M, F, P, 0, sink_frames, *weights, *common, *prior_strides,
+            0, 0, score.stride(0), score.stride(1), BLOCK_K=1, TOPK=False, **meta,
         )  # fmt: skip
         return _rank_scores(score, slot_frame, k)
 
     # Every position < k is written by the kernel (the positions are a permutation).
     slot_out = torch.empty((B, k), dtype=torch.int32, device=device)
     score_out = torch.empty((B, k), dtype=torch.float32, device=device)
-    outputs = (slot_out.stride(0), slot_out.stride(1), score_out.stride(0), score_out.stride(1))
-    meta = dict(NORM_EPS=NORM_EPS, BLOCK_M=block_m, BLOCK_F=block_f, BLOCK_P=block_p,
-                BLOCK_K=triton.next_power_of_2(k), num_warps=NUM_WARPS)  # fmt: skip
-    if has_prior:
-        _select_sinks_prior_fwd[(B,)](
-            *inputs, prior, slot_out, score_out, M, F, P, k, sink_frames, 1.0 - w_prior,
-            w_prior, *common, *prior_strides, *outputs, **meta,
-        )  # fmt: skip
-    else:
-        _select_sinks_fwd[(B,)](
-            *inputs, slot_out, score_out, M, F, P, k, sink_frames, *common, *outputs, **meta
-        )
+    _select_sinks_fwd[(B,)](
+        *head, slot_out, score_out, M, F, P, k, sink_frames, *weights, *common, *prior_strides,
+        slot_out.stride(0), slot_out.stride(1), score_out.stride(0), score_out.stride(1),
+        BLOCK_K=triton.next_power_of_2(k), TOPK=True, **meta,
+    )  # fmt: skip
     return slot_out, score_out
