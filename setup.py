@@ -26,7 +26,7 @@ from glob import glob
 from setuptools import setup
 
 EXT_NAME = "dysink_kernels._C"
-CPU_SOURCES = ["csrc/bindings.cpp", "csrc/cpu_ops.cpp"]
+CPU_SOURCES = ["csrc/bindings.cpp", "csrc/cpu_attention.cpp", "csrc/cpu_ops.cpp"]
 CUDA_SOURCES = sorted(glob("csrc/*.cu"))
 HEADERS = sorted(glob("csrc/*.h") + glob("csrc/*.cuh"))
 DEFAULT_CUDA_ARCHS = "80;90a"

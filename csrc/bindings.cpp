@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <string_view>
@@ -216,6 +217,83 @@ void check_bank_insert(const Tensor& pool_k, const Tensor& pool_v, const Tensor&
   }
 }
 
+using Quad = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+// A (B, S, H, D) or (P, S_e, H, D) tensor whose rows the C++ loops read with a unit
+// last stride; other strides are free.
+Tensor last_dense(const Tensor& t) {
+  return t.stride(t.dim() - 1) == 1 || t.size(t.dim() - 1) <= 1 ? t : t.contiguous();
+}
+
+void check_kv_like(const Tensor& t, const char* name, const Tensor& q, int64_t dim1) {
+  check_rank(t, name, 4);
+  check_dtype(t, name, q.scalar_type());
+  check_size(t, name, 0, q.size(0), "batch");
+  if (dim1 >= 0) check_size(t, name, 1, dim1, "tokens");
+  check_size(t, name, 2, q.size(2), "heads");
+  check_size(t, name, 3, q.size(3), "head_dim");
+  check_device(t, name, q);
+}
+
+void check_gathered_attention(const Tensor& q, const Tensor& pool_k, const Tensor& pool_v,
+                              const Tensor& slot_idx, const Tensor& local_k,
+                              const Tensor& local_v, const Tensor& local_ranges,
+                              const std::optional<Tensor>& cur_k,
+                              const std::optional<Tensor>& cur_v, double softmax_scale,
+                              const std::optional<Tensor>& slot_delta, double rope_theta,
+                              const std::optional<Tensor>& pool_k_scale,
+                              const std::optional<Tensor>& pool_v_scale) {
+  check_float(q, "q", 4);
+  const int64_t B = q.size(0), H = q.size(2), D = q.size(3);
+  TORCH_CHECK(D > 0, "q.shape[3] (head_dim) must be > 0, got shape ", q.sizes());
+  check_kv_like(local_k, "local_k", q, -1);
+  check_kv_like(local_v, "local_v", q, local_k.size(1));
+  TORCH_CHECK(cur_k.has_value() == cur_v.has_value(), "cur_k and cur_v come together");
+  if (cur_k.has_value()) {
+    check_kv_like(*cur_k, "cur_k", q, -1);
+    check_kv_like(*cur_v, "cur_v", q, cur_k->size(1));
+  }
+  check_rank(pool_k, "pool_k", 4);
+  const bool fp8 = pool_k.scalar_type() == at::kFloat8_e4m3fn;
+  TORCH_CHECK(fp8 || pool_k.scalar_type() == q.scalar_type(), "pool_k must be ",
+              q.scalar_type(), " (the dtype of q) or float8_e4m3fn, got ", pool_k.scalar_type());
+  TORCH_CHECK(pool_v.sizes() == pool_k.sizes(), "pool_v must have the shape of pool_k ",
+              pool_k.sizes(), ", got ", pool_v.sizes());
+  check_dtype(pool_v, "pool_v", pool_k.scalar_type());
+  check_size(pool_k, "pool_k", 2, H, "heads");
+  check_size(pool_k, "pool_k", 3, D, "head_dim");
+  check_device(pool_k, "pool_k", q);
+  check_device(pool_v, "pool_v", q);
+  TORCH_CHECK(pool_k_scale.has_value() == fp8 && pool_v_scale.has_value() == fp8,
+              "pool_k_scale and pool_v_scale are given with an fp8 pool and only then");
+  for (const auto& [t, name] :
+       {std::pair{&pool_k_scale, "pool_k_scale"}, {&pool_v_scale, "pool_v_scale"}}) {
+    if (!t->has_value()) continue;
+    check_rank(**t, name, 2);
+    check_dtype(**t, name, at::kFloat);
+    check_size(**t, name, 0, pool_k.size(0), "slots");
+    check_size(**t, name, 1, H, "heads");
+    check_device(**t, name, q);
+  }
+  check_index(slot_idx, "slot_idx", 2);
+  check_size(slot_idx, "slot_idx", 0, B, "batch");
+  check_device(slot_idx, "slot_idx", q);
+  check_index(local_ranges, "local_ranges", 3);
+  check_size(local_ranges, "local_ranges", 0, B, "batch");
+  check_size(local_ranges, "local_ranges", 2, 2, "(start, end)");
+  check_device(local_ranges, "local_ranges", q);
+  if (slot_delta.has_value()) {
+    check_rank(*slot_delta, "slot_delta", 2);
+    TORCH_CHECK(slot_delta->sizes() == slot_idx.sizes(), "slot_delta must have the shape of "
+                "slot_idx ", slot_idx.sizes(), ", got ", slot_delta->sizes());
+    check_device(*slot_delta, "slot_delta", q);
+  }
+  TORCH_CHECK(softmax_scale > 0 && std::isfinite(softmax_scale),
+              "softmax_scale must be a finite positive number, got ", softmax_scale);
+  TORCH_CHECK(rope_theta > 0 && std::isfinite(rope_theta),
+              "rope_theta must be a finite positive number, got ", rope_theta);
+}
+
 // ---- CPU ---------------------------------------------------------------------
 
 Pair select_sinks_cpu_op(const Tensor& query_feat, const Tensor& slot_feat,
@@ -264,6 +342,30 @@ Pair bank_insert_cpu_op(const Tensor& pool_k, const Tensor& pool_v, const Tensor
                          feature, frame, slots_per_sample, limit, dedup);
 }
 
+Quad gathered_sink_attention_cpu_op(
+    const Tensor& q, const Tensor& pool_k, const Tensor& pool_v, const Tensor& slot_idx,
+    const Tensor& local_k, const Tensor& local_v, const Tensor& local_ranges,
+    const std::optional<Tensor>& cur_k, const std::optional<Tensor>& cur_v, double softmax_scale,
+    bool return_stats, const std::optional<Tensor>& slot_delta, double rope_theta,
+    const std::optional<Tensor>& pool_k_scale, const std::optional<Tensor>& pool_v_scale) {
+  check_gathered_attention(q, pool_k, pool_v, slot_idx, local_k, local_v, local_ranges, cur_k,
+                           cur_v, softmax_scale, slot_delta, rope_theta, pool_k_scale,
+                           pool_v_scale);
+  const auto dense = [](const std::optional<Tensor>& t) {
+    return t.has_value() ? std::optional<Tensor>(last_dense(*t)) : std::nullopt;
+  };
+  Quad res = gathered_sink_attention_cpu(
+      last_dense(q), last_dense(pool_k), last_dense(pool_v), slot_idx, last_dense(local_k),
+      last_dense(local_v), local_ranges, dense(cur_k), dense(cur_v), softmax_scale, return_stats,
+      slot_delta, rope_theta, pool_k_scale, pool_v_scale);
+  Tensor& out = std::get<0>(res);
+  if (out.strides() != q.strides()) {  // q was copied: lay out out like q, as the fake
+    Tensor like = at::empty_like(q);
+    if (like.strides() != out.strides()) out = like.copy_(out);
+  }
+  return res;
+}
+
 // ---- Meta (shapes only) --------------------------------------------------------
 
 Pair select_sinks_meta(const Tensor& query_feat, const Tensor&, const Tensor&, const Tensor&,
@@ -291,6 +393,21 @@ Pair gate_from_means_meta(const Tensor& qbar, const Tensor&, const Tensor&,
 Pair sink_gate_meta(const Tensor& q, const Tensor&, const Tensor&, const Tensor& slot_idx,
                     const Tensor&, double, c10::string_view) {
   return gate_meta(slot_idx, q);
+}
+
+Quad gathered_sink_attention_meta(const Tensor& q, const Tensor&, const Tensor&,
+                                  const Tensor& slot_idx, const Tensor&, const Tensor&,
+                                  const Tensor&, const std::optional<Tensor>&,
+                                  const std::optional<Tensor>&, double, bool return_stats,
+                                  const std::optional<Tensor>&, double,
+                                  const std::optional<Tensor>&, const std::optional<Tensor>&) {
+  const auto f32 = q.options().dtype(at::kFloat);
+  if (!return_stats) {
+    return {at::empty_like(q), at::empty({0}, f32), at::empty({0}, f32), at::empty({0}, f32)};
+  }
+  const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2);
+  return {at::empty_like(q), at::empty({B, H, Sq}, f32), at::empty({B, H, Sq}, f32),
+          at::empty({B, H, slot_idx.size(1)}, f32)};
 }
 
 Pair bank_insert_meta(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
@@ -482,6 +599,12 @@ TORCH_LIBRARY(dysink_C, m) {
       "Tensor(g!) slot_stamp, Tensor(h!) clock, Tensor src_k, Tensor src_v, Tensor src_pos, "
       "Tensor feature, Tensor frame, int slots_per_sample, int limit, float? dedup) "
       "-> (Tensor, Tensor)");
+  // CPU only: on GPUs gathered attention is the Triton kernel.
+  m.def(
+      "gathered_sink_attention(Tensor q, Tensor pool_k, Tensor pool_v, Tensor slot_idx, "
+      "Tensor local_k, Tensor local_v, Tensor local_ranges, Tensor? cur_k, Tensor? cur_v, "
+      "float softmax_scale, bool return_stats, Tensor? slot_delta, float rope_theta, "
+      "Tensor? pool_k_scale, Tensor? pool_v_scale) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dysink_C, CPU, m) {
@@ -490,6 +613,7 @@ TORCH_LIBRARY_IMPL(dysink_C, CPU, m) {
   m.impl("gate_from_means", &dysink::gate_from_means_cpu_op);
   m.impl("sink_gate", &dysink::sink_gate_cpu_op);
   m.impl("bank_insert", &dysink::bank_insert_cpu_op);
+  m.impl("gathered_sink_attention", &dysink::gathered_sink_attention_cpu_op);
 }
 
 TORCH_LIBRARY_IMPL(dysink_C, Meta, m) {
@@ -498,6 +622,7 @@ TORCH_LIBRARY_IMPL(dysink_C, Meta, m) {
   m.impl("gate_from_means", &dysink::gate_from_means_meta);
   m.impl("sink_gate", &dysink::sink_gate_meta);
   m.impl("bank_insert", &dysink::bank_insert_meta);
+  m.impl("gathered_sink_attention", &dysink::gathered_sink_attention_meta);
 }
 
 #ifdef DYSINK_WITH_CUDA

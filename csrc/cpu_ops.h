@@ -36,4 +36,15 @@ std::tuple<at::Tensor, at::Tensor> bank_insert_cpu(
     const at::Tensor& frame, int64_t slots_per_sample, int64_t limit,
     std::optional<double> dedup);
 
+// gathered_sink_attention on CPU (cpu_attention.cpp): (out, lse, entropy, slot_mass), the
+// statistics empty unless return_stats. Rows of q, pools, local and current K/V are read
+// with a unit last stride.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gathered_sink_attention_cpu(
+    const at::Tensor& q, const at::Tensor& pool_k, const at::Tensor& pool_v,
+    const at::Tensor& slot_idx, const at::Tensor& local_k, const at::Tensor& local_v,
+    const at::Tensor& local_ranges, const std::optional<at::Tensor>& cur_k,
+    const std::optional<at::Tensor>& cur_v, double softmax_scale, bool return_stats,
+    const std::optional<at::Tensor>& slot_delta, double rope_theta,
+    const std::optional<at::Tensor>& pool_k_scale, const std::optional<at::Tensor>& pool_v_scale);
+
 }  // namespace dysink

@@ -549,6 +549,35 @@ def test_checks_name_the_argument():
                              torch.zeros(1, 1, dtype=torch.int64), 0.5, "layer")  # fmt: skip
 
 
+@needs_ext
+def test_gathered_attention_checks():
+    """The C++ attention reads indices itself: a slot outside [-1, P) is an IndexError,
+    bad shapes and dtypes name the argument."""
+    from dysink_kernels.ops.gathered_sink_attention.csrc import gathered_attention_csrc
+
+    q, pool, loc = torch.randn(1, 4, 2, 16), torch.randn(3, 5, 2, 16), torch.randn(1, 6, 2, 16)
+    ranges = torch.tensor([[[0, 6]]], dtype=torch.int32)
+    slots = lambda *s: torch.tensor([s], dtype=torch.int32)
+
+    def call(*args, **kw):
+        a = dict(zip(("q", "pool_k", "pool_v", "slot_idx", "local_k", "local_v"),
+                     (q, pool, pool, slots(0, -1), loc, loc)), **kw)  # fmt: skip
+        return gathered_attention_csrc(*a.values(), ranges, None, None, 0.25, True, *args)
+
+    for bad in (3, -2):
+        with pytest.raises(IndexError, match=f"slot_idx holds {bad}"):
+            call(slot_idx=slots(0, bad))
+    with pytest.raises(RuntimeError, match=r"local_k.shape\[3\] \(head_dim\)"):
+        call(local_k=loc[..., :8])
+    with pytest.raises(RuntimeError, match="pool_k must be Float"):
+        call(pool_k=pool.half(), pool_v=pool.half())
+    fp8 = pool.to(torch.float8_e4m3fn)
+    with pytest.raises(RuntimeError, match="pool_k_scale and pool_v_scale"):
+        call(pool_k=fp8, pool_v=fp8)
+    out, stats = call()
+    assert out.shape == q.shape and stats.slot_mass.shape == (1, 2, 2)
+
+
 def test_build_info_and_availability():
     assert set(INFO) == {"built", "with_cuda", "cuda_archs", "cuda_runtime", "path", "error"}
     assert _cuda.available(torch.device("cpu")) == INFO["built"]
