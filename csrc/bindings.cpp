@@ -264,8 +264,12 @@ void check_gathered_attention(const Tensor& q, const Tensor& pool_k, const Tenso
   check_size(pool_k, "pool_k", 3, D, "head_dim");
   check_device(pool_k, "pool_k", q);
   check_device(pool_v, "pool_v", q);
-  TORCH_CHECK(pool_k_scale.has_value() == fp8 && pool_v_scale.has_value() == fp8,
-              "pool_k_scale and pool_v_scale are given with an fp8 pool and only then");
+  // An fp8 pool is read through its scales; without a listed slot it is not read at all.
+  TORCH_CHECK(pool_k_scale.has_value() == pool_v_scale.has_value() &&
+                  (!pool_k_scale.has_value() || fp8) &&
+                  (pool_k_scale.has_value() || !fp8 || slot_idx.size(1) == 0),
+              "pool_k_scale and pool_v_scale are given together, with an fp8 pool, and an "
+              "fp8 pool with listed slots needs them");
   for (const auto& [t, name] :
        {std::pair{&pool_k_scale, "pool_k_scale"}, {&pool_v_scale, "pool_v_scale"}}) {
     if (!t->has_value()) continue;

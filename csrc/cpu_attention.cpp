@@ -216,8 +216,9 @@ void attention_impl(const Tensor& q, const Tensor& pool_k, const Tensor& pool_v,
                          n_cur ? rows_of(*cur_k) : Rows{}};
   const Rows src_v[3] = {rows_of(pool_v), rows_of(local_v),
                          n_cur ? rows_of(*cur_v) : Rows{}};
-  const float* k_scale = fp8 ? pool_k_scale->const_data_ptr<float>() : nullptr;
-  const float* v_scale = fp8 ? pool_v_scale->const_data_ptr<float>() : nullptr;
+  // (bindings.cpp: an fp8 pool comes with its scales whenever a slot is listed)
+  const float* k_scale = pool_k_scale.has_value() ? pool_k_scale->const_data_ptr<float>() : nullptr;
+  const float* v_scale = pool_v_scale.has_value() ? pool_v_scale->const_data_ptr<float>() : nullptr;
 
   // Temporal RoPE pairs and their frequencies (fp64, as rope/tables.py).
   const int64_t n_t = D / 2 - 2 * (D / 6);

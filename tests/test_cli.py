@@ -79,7 +79,6 @@ def test_demo_prompt_switch(tmp_path, capsys):
         (["demo", "--top-k", "2", "--local-frames", "2"], "local_frames"),
         (["demo", "--backend", "bogus"], "--backend must be one of"),
         (["demo", "--backend", "sdpa"], "--backend must be one of"),  # attention only
-        (["demo", "--backend", "csrc"], "--backend must be one of"),  # no csrc attention
         (["demo", "--device", "tpu"], "--device must be cpu, cuda"),
         (["demo", "--dtype", "fp64"], "--dtype: invalid choice"),
         (["kernels", "--arch", "sm_99"], "--arch: invalid choice: 'sm_99'"),

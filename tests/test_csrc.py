@@ -574,6 +574,13 @@ def test_gathered_attention_checks():
     fp8 = pool.to(torch.float8_e4m3fn)
     with pytest.raises(RuntimeError, match="pool_k_scale and pool_v_scale"):
         call(pool_k=fp8, pool_v=fp8)
+    scale = torch.ones(3, 2)
+    with pytest.raises(RuntimeError, match="pool_k_scale and pool_v_scale"):
+        call(None, 10000.0, scale, scale)  # scales with a float pool
+    # An fp8 pool without scales is fine when no slot is listed (it is not read).
+    out, _ = call(pool_k=fp8, pool_v=fp8, slot_idx=torch.zeros(1, 0, dtype=torch.int32))
+    want, _ = call(slot_idx=torch.zeros(1, 0, dtype=torch.int32))
+    assert torch.equal(out, want)
     out, stats = call()
     assert out.shape == q.shape and stats.slot_mass.shape == (1, 2, 2)
 
