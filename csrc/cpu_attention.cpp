@@ -22,6 +22,7 @@
 #include <c10/util/Float8_e4m3fn.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -125,12 +126,27 @@ void load_row<float>(const float* src, float* dst, int64_t D) {
   std::memcpy(dst, src, D * sizeof(float));
 }
 
+// Every e4m3 byte's value (NaN for 0x7f and 0xff): a table lookup per element instead
+// of decoding the bits.
+const float* e4m3_table() {
+  static const auto table = [] {
+    std::array<float, 256> t{};
+    for (int i = 0; i < 256; ++i) {
+      const auto byte = static_cast<uint8_t>(i);
+      t[i] = static_cast<float>(c10::Float8_e4m3fn(byte, c10::Float8_e4m3fn::from_bits()));
+    }
+    return t;
+  }();
+  return table.data();
+}
+
 // An fp8 row dequantised as the other backends read it: stored * scale, rounded to
 // the run dtype T, then fp32.
 template <typename T>
-void load_fp8_row(const c10::Float8_e4m3fn* src, float scale, float* dst, int64_t D) {
+void load_fp8_row(const uint8_t* src, float scale, float* dst, int64_t D) {
+  const float* value = e4m3_table();
   for (int64_t d = 0; d < D; ++d) {
-    dst[d] = static_cast<float>(static_cast<T>(static_cast<float>(src[d]) * scale));
+    dst[d] = static_cast<float>(static_cast<T>(value[src[d]] * scale));
   }
 }
 
@@ -306,9 +322,9 @@ void attention_impl(const Tensor& q, const Tensor& pool_k, const Tensor& pool_v,
         if (sg.src == 0 && fp8) {
           for (int64_t t = 0; t < sg.len; ++t) {
             for (int64_t h = 0; h < H; ++h) {
-              load_fp8_row<T>(reinterpret_cast<const c10::Float8_e4m3fn*>(src_k[0].row(bb, t, h)),
+              load_fp8_row<T>(reinterpret_cast<const uint8_t*>(src_k[0].row(bb, t, h)),
                               k_scale[sg.slot * H + h], kd + (t * H + h) * D, D);
-              load_fp8_row<T>(reinterpret_cast<const c10::Float8_e4m3fn*>(src_v[0].row(bb, t, h)),
+              load_fp8_row<T>(reinterpret_cast<const uint8_t*>(src_v[0].row(bb, t, h)),
                               v_scale[sg.slot * H + h], vd + (t * H + h) * D, D);
             }
           }
