@@ -24,6 +24,7 @@ constructor arguments (devices that exist, a bank that fits).
 
 from __future__ import annotations
 
+import math
 import os
 from collections import deque
 from typing import TYPE_CHECKING
@@ -71,11 +72,24 @@ def _bad_rows(x: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(x).flatten(1).all(dim=1)
 
 
+def _max_abs(x: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` largest magnitude in each (non-empty) row of ``x``: NaN or +Inf exactly
+    when the row holds a non-finite value (a max propagates NaN and cannot overflow)."""
+    return x.abs().amax(dim=tuple(range(1, x.dim())))
+
+
+def _not_finite(max_abs: torch.Tensor) -> torch.Tensor:
+    """Whether each of ``_max_abs``'s magnitudes is NaN or Inf."""
+    return (max_abs < math.inf).logical_not_()
+
+
 class CacheHealth:
     """Per-sample non-finite flags of the block in progress and their reports."""
 
     def __init__(self, batch: int, device: torch.device) -> None:
         self.flags = torch.zeros(3, batch, dtype=torch.bool, device=device)
+        # Views of the rows, updated in place (``flags`` itself is never replaced).
+        self._call_flags, self._kv_flags, self._feature_flags = self.flags.unbind(0)
         self._pin = device.type == "cuda"
         self._free: list[torch.Tensor] = []
         self._pending: deque[tuple[int, torch.Tensor, torch.cuda.Event | None]] = deque()
@@ -84,12 +98,13 @@ class CacheHealth:
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, commit: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Flag non-finite inputs of one call; a clean pass's K/V come back with
-        non-finite elements set to 0 (what the window keeps)."""
-        kv_bad = _bad_rows(k) | _bad_rows(v)
-        self.flags[0] |= _bad_rows(q) | kv_bad
+        non-finite elements set to 0 (what the window keeps). Every sample's ``q``,
+        ``k`` and ``v`` must hold at least one element."""
+        kv_max = torch.maximum(_max_abs(k), _max_abs(v))
+        self._call_flags.logical_or_(_not_finite(torch.maximum(_max_abs(q), kv_max)))
         if not commit:
             return k, v
-        self.flags[1] |= kv_bad
+        self._kv_flags.logical_or_(_not_finite(kv_max))
         zero = dict(nan=0.0, posinf=0.0, neginf=0.0)
         return torch.nan_to_num(k, **zero), torch.nan_to_num(v, **zero)
 
