@@ -193,6 +193,7 @@ class DySinkCache:
         # Per-block device state, updated in place by begin_block.
         self.frame_dev = torch.zeros((), dtype=torch.int64, device=dev)
         self.slot_idx = torch.full((B, c.top_k), -1, dtype=torch.int32, device=dev)
+        self.slot_valid = torch.zeros(B, c.top_k, dtype=torch.bool, device=dev)  # slot_idx >= 0
         self.slot_score = torch.full((B, c.top_k), float("-inf"), device=dev)
         self.local_ranges = torch.zeros(B, _N_RANGES, 2, dtype=torch.int32, device=dev)
         self.window_ksum = torch.zeros(Ly, B, H, D, dtype=torch.float32, device=dev)
@@ -386,8 +387,8 @@ class DySinkCache:
             pool_k_scale=k_scale, pool_v_scale=v_scale, backend=self.backend,
         )  # fmt: skip
         if attn_stats is not None and not commit and c.top_k > 0:
-            self.anomaly_tracker.update(layer, attn_stats, self.slot_idx)
-            self.bank.add_usage(kept, attn_stats.slot_mass.mean(dim=1))
+            self.anomaly_tracker.update(layer, attn_stats, self.slot_valid)
+            self.bank.add_usage(kept, self.anomaly_tracker.last[layer].mass_mean)
 
         if commit:
             self.local_k[layer].index_copy_(1, self.write_pos, k)
@@ -405,7 +406,7 @@ class DySinkCache:
         gate's view of their mean keys."""
         c = self.config
         B, k = self.batch_size, c.top_k
-        valid = self.slot_idx >= 0
+        valid = torch.ge(self.slot_idx, 0, out=self.slot_valid)
         idx = self.slot_idx.clamp(min=0).long()
         frames = self.bank.frame.index_select(0, idx.flatten()).view(B, k)
         target = cur - c.repositioning_distance
@@ -596,6 +597,7 @@ class DySinkCache:
             self._ensure_recent(state["recent_feat"].shape[-1])
             self.recent_feat.copy_(state["recent_feat"])
         self.slot_idx.fill_(-1)  # nothing retrieved until the next begin_block
+        self.slot_valid.fill_(False)
         self.slot_score.fill_(float("-inf"))
         self._health.clear()
         self.recacher.forget_latents()  # the earlier video's latents do not belong here

@@ -90,35 +90,44 @@ class AnomalyTracker:
         self.updates = [0] * Ly
         self.last: list[AnomalyStats | None] = [None] * Ly
 
-    def update(self, layer: int, attn: SinkAttnStats, slot_idx: torch.Tensor) -> None:
+    def update(self, layer: int, attn: SinkAttnStats, slot_valid: torch.Tensor) -> None:
         """Entropy-anomaly statistics after a denoising call; decides the entropy gate's
-        drops for the next call of this layer (all on the device)."""
+        drops for the next call of this layer (all on the device).
+
+        Args:
+            layer: the call's layer.
+            attn: the call's attention statistics.
+            slot_valid: ``(B, top_k)`` bool, which of the block's retrieved slots exist.
+        """
         c = self.config
         ent = attn.entropy.mean(dim=-1)  # (B, H) per-head mean entropy
         mass = attn.slot_mass  # (B, H, k)
         mean, var = self.mean[layer], self.var[layer]
-        warm = self.updates[layer] >= c.anomaly_warmup
-        std = var.clamp(min=0).sqrt()
-        low = (ent < mean - c.anomaly_z * std) & warm
-        low_fraction = low.float().mean(dim=1)  # (B,)
         mass_mean = mass.mean(dim=1)  # (B, k)
-        mass_cv = mass.std(dim=1, unbiased=False) / mass_mean.clamp(min=1e-12)
-        draws = mass_mean > c.anomaly_min_mass
-        drop = draws & ((low_fraction > 0.5)[:, None] | (mass_cv < c.anomaly_min_cv))
-        self.drop[layer].copy_(drop & (slot_idx >= 0))
+        mass_cv = mass.std(dim=1, unbiased=False).div_(mass_mean.clamp(min=1e-12))
+        # drop = draws & (low_fraction > 0.5 | collapsed heads), for retrieved slots only
+        drop = mass_cv < c.anomaly_min_cv
+        if self.updates[layer] >= c.anomaly_warmup:
+            std = var.clamp(min=0).sqrt_()
+            low = ent < mean - std.mul_(c.anomaly_z)
+            low_fraction = low.float().mean(dim=1)  # (B,)
+            drop.logical_or_((low_fraction > 0.5)[:, None])
+        else:  # the z-test is not trusted yet: no head counts as low
+            low_fraction = ent.new_zeros(ent.shape[0])
+        drop.logical_and_(mass_mean > c.anomaly_min_mass).logical_and_(slot_valid)
+        self.drop[layer].copy_(drop)
         if self.updates[layer] == 0:
             mean.copy_(ent)
             var.zero_()
         else:
             d = c.anomaly_decay
             diff = ent - mean
-            mean.add_((1.0 - d) * diff)
-            var.mul_(d).add_(d * (1.0 - d) * diff * diff)
+            mean.add_(diff * (1.0 - d))
+            var.mul_(d).add_((diff * (d * (1.0 - d))).mul_(diff))
         self.updates[layer] += 1
         self.last[layer] = AnomalyStats(
-            ent, mean.clone(), var.clamp(min=0).sqrt(), low_fraction, mass_mean, mass_cv,
-            self.drop[layer].clone(),
-        )  # fmt: skip
+            ent, mean.clone(), var.clamp(min=0).sqrt_(), low_fraction, mass_mean, mass_cv, drop
+        )
 
 
 class SinkGate:
