@@ -355,12 +355,7 @@ class DySinkCache:
         B = self.batch_size
         k, v = self._health.check_call(q, k, v, commit)
 
-        qbar = q.float().mean(dim=1)
-        kbar_local = (self.window_ksum[layer] + k.float().sum(dim=1)) / (
-            self.window_tokens + k.shape[1]
-        )[:, None, None]
-
-        kept, ratio, sink_ratio, sink_kept = self.gate(layer, qbar, kbar_local, commit)
+        kept, ratio, sink_ratio, sink_kept = self.gate(layer, q, k, commit)
         ranges = self.local_ranges
         if sink_kept is not None:
             ranges = ranges.clone()

@@ -136,10 +136,21 @@ class SinkGate:
     def __init__(self, cache: DySinkCache) -> None:
         self.cache = cache
 
+    def means(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(qbar, kbar_local)``, ``(B, H, D)`` fp32: the call's mean query and the mean
+        of the window's keys and the call's own (from the window's key sums)."""
+        cache = self.cache
+        qbar = q.float().mean(dim=1)
+        kbar_local = k.float().sum(dim=1).add_(cache.window_ksum[layer])
+        return qbar, kbar_local.div_((cache.window_tokens + k.shape[1]).view(-1, 1, 1))
+
     def __call__(
-        self, layer: int, qbar: torch.Tensor, kbar_local: torch.Tensor, commit: bool
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, commit: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Gate the static-sink group and the retrieved slots of one call.
+        """Gate the static-sink group and the retrieved slots of one call with keys
+        ``k`` (``(B, block_tokens, H, D)``) and queries ``q``.
 
         Returns ``(kept, ratio, sink_ratio, sink_kept)`` (sink entries ``None`` without
         static sinks). With head parallelism the vote counts of all ranks are summed
@@ -151,6 +162,9 @@ class SinkGate:
         slots = cache._no_slots if commit else cache.slot_idx
         gate_slots = c.gate and not commit and c.top_k > 0 and c.gate_mode != "entropy"
         gate_sinks = c.gate and c.sink_frames > 0
+        kept, ratio, ratio_s = slots, None, None
+        if gate_slots or gate_sinks:
+            qbar, kbar_local = self.means(layer, q, k)
         # The consensus vote reads each slot's mean key as it is attended: turned by the
         # re-positioning when sink_rope="relative" (rotation is linear).
         if c.sink_rope == "relative" and gate_slots:
@@ -162,7 +176,6 @@ class SinkGate:
             sink_tokens = c.sink_frames * c.tokens_per_frame
             sink_mean = cache.frame_ksum[layer, :, : c.sink_frames].sum(dim=1) / sink_tokens
 
-        kept, ratio, ratio_s = slots, torch.zeros(B, slots.shape[1], device=cache.device), None
         rounded = c.gate_precision == "input" and cache.dtype != torch.float32
         if (cache.parallel is not None or rounded) and (gate_slots or gate_sinks):
             n = slots.shape[1] if gate_slots else 0
@@ -196,10 +209,14 @@ class SinkGate:
                     cache.backend,
                 )  # fmt: skip
 
-        if gate_slots:  # back from the vote's slot numbering to the bank's
+        # Back from the vote's slot numbering to the bank's (the same numbering unless
+        # the vote read the re-positioned slots).
+        if gate_slots and vote_slots is not slots:
             kept = torch.where(kept >= 0, slots, -1).to(slots.dtype)
         if c.gate and not commit and c.gate_mode in ("entropy", "both"):
             kept = torch.where(cache.anomaly_tracker.drop[layer], -1, kept).to(slots.dtype)
+        if ratio is None:  # no slot was judged
+            ratio = torch.zeros(B, slots.shape[1], device=cache.device)
         if c.sink_frames == 0:
             return kept, ratio, None, None
         if ratio_s is None:
