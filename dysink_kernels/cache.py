@@ -70,6 +70,18 @@ class SinkLayerStats(NamedTuple):
     commit: bool
 
 
+class _LayerBuffers(NamedTuple):
+    """One layer's slices of the cache's and its bank's per-layer buffers (views)."""
+
+    local_k: torch.Tensor
+    local_v: torch.Tensor
+    frame_ksum: torch.Tensor
+    window_ksum: torch.Tensor
+    bank_k: torch.Tensor
+    bank_v: torch.Tensor
+    bank_mean_k: torch.Tensor
+
+
 class DySinkCache:
     """Window ring + frame bank + per-block state for one batch of videos.
 
@@ -202,6 +214,15 @@ class DySinkCache:
         self.write_frames = torch.zeros(c.frames_per_block, dtype=torch.int64, device=dev)
         self.write_pos = torch.zeros(c.block_tokens, dtype=torch.int64, device=dev)
         self.last_stored = torch.zeros(B, dtype=torch.bool, device=dev)
+        # Each layer's views, made once (indexing a buffer by layer is an op of its own).
+        self._layers = [
+            _LayerBuffers(*views)
+            for views in zip(
+                self.local_k.unbind(0), self.local_v.unbind(0), self.frame_ksum.unbind(0),
+                self.window_ksum.unbind(0), self.bank.k.unbind(0), self.bank.v.unbind(0),
+                self.bank.mean_k.unbind(0),
+            )
+        ]  # fmt: skip
         self._sink_slots = torch.arange(B, dtype=torch.int32, device=dev)[:, None]
         self._no_slots = torch.full((B, 0), -1, dtype=torch.int32, device=dev)
         # Re-positioned sinks: per-slot shift in frames and the gate's turned mean keys.
@@ -355,6 +376,7 @@ class DySinkCache:
         B = self.batch_size
         k, v = self._health.check_call(q, k, v, commit)
 
+        buffers = self._layers[layer]
         kept, ratio, sink_ratio, sink_kept = self.gate(layer, q, k, commit)
         ranges = self.local_ranges
         if sink_kept is not None:
@@ -362,7 +384,7 @@ class DySinkCache:
             ranges[:, 0, 1] *= sink_kept.to(ranges.dtype)
 
         relative = c.sink_rope == "relative" and not commit and c.top_k > 0
-        pool_k, pool_v, attend_slots = self.bank.k[layer], self.bank.v[layer], kept
+        pool_k, pool_v, attend_slots = buffers.bank_k, buffers.bank_v, kept
         k_scale, v_scale = self.bank.scales(layer)
         if self.stager is not None:  # the retrieved slots were staged at _rot_slots' places
             self.stager.wait(layer)
@@ -376,7 +398,7 @@ class DySinkCache:
             pool_k, pool_v, attend_slots = self.bank.gather_as(pool_k, pool_v, attend_slots, q)
         out, attn_stats = gathered_sink_attention_general(
             q, pool_k, pool_v, attend_slots,
-            self.local_k[layer], self.local_v[layer], ranges, k, v,
+            buffers.local_k, buffers.local_v, ranges, k, v,
             softmax_scale=c.softmax_scale, return_stats=c.stats,
             slot_delta=self.slot_delta if relative else None, rope_theta=c.rope_theta,
             pool_k_scale=k_scale, pool_v_scale=v_scale, backend=self.backend,
@@ -386,10 +408,10 @@ class DySinkCache:
             self.bank.add_usage(kept, self.anomaly_tracker.last[layer].mass_mean)
 
         if commit:
-            self.local_k[layer].index_copy_(1, self.write_pos, k)
-            self.local_v[layer].index_copy_(1, self.write_pos, v)
+            buffers.local_k.index_copy_(1, self.write_pos, k)
+            buffers.local_v.index_copy_(1, self.write_pos, v)
             per_frame = k.float().view(B, c.frames_per_block, c.tokens_per_frame, *k.shape[2:])
-            self.frame_ksum[layer].index_copy_(1, self.write_frames, per_frame.sum(dim=2))
+            buffers.frame_ksum.index_copy_(1, self.write_frames, per_frame.sum(dim=2))
             self._committed[layer] = True
         self._stats[layer] = SinkLayerStats(
             attn_stats, self.slot_idx, kept, ratio, sink_ratio, sink_kept, commit

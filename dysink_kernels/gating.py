@@ -87,6 +87,8 @@ class AnomalyTracker:
         self.mean = torch.zeros(Ly, batch, H, dtype=torch.float32, device=device)
         self.var = torch.zeros(Ly, batch, H, dtype=torch.float32, device=device)
         self.drop = torch.zeros(Ly, batch, k, dtype=torch.bool, device=device)
+        # Each layer's rows of mean, var and drop (views, made once).
+        self._rows = list(zip(self.mean.unbind(0), self.var.unbind(0), self.drop.unbind(0)))
         self.updates = [0] * Ly
         self.last: list[AnomalyStats | None] = [None] * Ly
 
@@ -102,7 +104,7 @@ class AnomalyTracker:
         c = self.config
         ent = attn.entropy.mean(dim=-1)  # (B, H) per-head mean entropy
         mass = attn.slot_mass  # (B, H, k)
-        mean, var = self.mean[layer], self.var[layer]
+        mean, var, drop_row = self._rows[layer]
         mass_mean = mass.mean(dim=1)  # (B, k)
         mass_cv = mass.std(dim=1, unbiased=False).div_(mass_mean.clamp(min=1e-12))
         # drop = draws & (low_fraction > 0.5 | collapsed heads), for retrieved slots only
@@ -115,7 +117,7 @@ class AnomalyTracker:
         else:  # the z-test is not trusted yet: no head counts as low
             low_fraction = ent.new_zeros(ent.shape[0])
         drop.logical_and_(mass_mean > c.anomaly_min_mass).logical_and_(slot_valid)
-        self.drop[layer].copy_(drop)
+        drop_row.copy_(drop)
         if self.updates[layer] == 0:
             mean.copy_(ent)
             var.zero_()
@@ -143,7 +145,7 @@ class SinkGate:
         of the window's keys and the call's own (from the window's key sums)."""
         cache = self.cache
         qbar = q.float().mean(dim=1)
-        kbar_local = k.float().sum(dim=1).add_(cache.window_ksum[layer])
+        kbar_local = k.float().sum(dim=1).add_(cache._layers[layer].window_ksum)
         return qbar, kbar_local.div_((cache.window_tokens + k.shape[1]).view(-1, 1, 1))
 
     def __call__(
@@ -170,7 +172,7 @@ class SinkGate:
         if c.sink_rope == "relative" and gate_slots:
             vote_slots, mean_table = cache._rot_slots, cache._rot_mean_k[layer]
         else:
-            vote_slots, mean_table = slots, cache.bank.mean_k[layer]
+            vote_slots, mean_table = slots, cache._layers[layer].bank_mean_k
         sink_mean = None
         if gate_sinks:
             sink_tokens = c.sink_frames * c.tokens_per_frame
