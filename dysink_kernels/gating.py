@@ -112,7 +112,7 @@ class AnomalyTracker:
         if self.updates[layer] >= c.anomaly_warmup:
             std = var.clamp(min=0).sqrt_()
             low = ent < mean - std.mul_(c.anomaly_z)
-            low_fraction = low.float().mean(dim=1)  # (B,)
+            low_fraction = low.mean(dim=1, dtype=torch.float32)  # (B,)
             drop.logical_or_((low_fraction > 0.5)[:, None])
         else:  # the z-test is not trusted yet: no head counts as low
             low_fraction = ent.new_zeros(ent.shape[0])
