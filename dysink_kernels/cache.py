@@ -225,11 +225,21 @@ class DySinkCache:
         ]  # fmt: skip
         self._sink_slots = torch.arange(B, dtype=torch.int32, device=dev)[:, None]
         self._no_slots = torch.full((B, 0), -1, dtype=torch.int32, device=dev)
+        # Constants of begin_block's layout arithmetic, and views it writes through.
+        self._ring_slot = torch.arange(R, device=dev)
+        self._block_frame = torch.arange(c.frames_per_block, device=dev)
+        self._frame_token = torch.arange(T, device=dev)
+        self._zero = torch.zeros(B, dtype=torch.int64, device=dev)
+        # local_ranges = T * [0, sinks, start, start + len_a, 0, len_b] + these offsets
+        self._range_base = torch.tensor([0, 0, s * T, s * T, s * T, s * T], device=dev)
+        self._ranges_flat = self.local_ranges.view(B, 2 * _N_RANGES)
+        self._write_pos_2d = self.write_pos.view(c.frames_per_block, T)
         # Re-positioned sinks: per-slot shift in frames and the gate's turned mean keys.
         k_ = c.top_k
         self.slot_delta = torch.zeros(B, k_, dtype=torch.float32, device=dev)
         self._rot_mean_k = torch.zeros(Ly, B * k_, H, D, dtype=torch.float32, device=dev)
         self._rot_slots = torch.full((B, k_), -1, dtype=torch.int32, device=dev)
+        self._slot_order = torch.arange(B * k_, dtype=torch.int32, device=dev).view(B, k_)
         # Entropy-anomaly statistics per layer and head (EMA over denoising calls).
         self.anomaly_tracker = AnomalyTracker(c, B, dev)
         self.gate = SinkGate(self)
@@ -292,7 +302,6 @@ class DySinkCache:
         fpb, L, s, R, T = (
             c.frames_per_block, c.local_frames, c.sink_frames, c.ring_frames, c.tokens_per_frame,
         )  # fmt: skip
-        dev = self.device
         cur = self.frame_dev
         counts = self.bank.counts()
         B = self.batch_size
@@ -313,27 +322,22 @@ class DySinkCache:
             self.slot_idx.copy_(slot)
             self.slot_score.copy_(score)
 
-        # Window ranges in the local buffer: [sinks] + ring part a + ring part b.
+        # Window ranges in the local buffer: [sinks] + ring part a + ring part b, from
+        # their bounds in frames.
         start = (lo - s) % R
         len_a = torch.minimum(n_prev, R - start)
         len_b = n_prev - len_a
-        base = s * T
-        sink_end = (torch.clamp(cur, max=s) * T).expand(B)
-        zero = torch.zeros_like(start)
-        ranges = torch.stack(
-            [zero, sink_end, base + start * T, base + (start + len_a) * T, zero + base,
-             base + len_b * T],
-            dim=1,
-        ).view(B, _N_RANGES, 2)  # fmt: skip
-        self.local_ranges.copy_(ranges)
+        sinks = torch.clamp(cur, max=s).expand(B)
+        bounds = torch.stack([self._zero, sinks, start, start + len_a, self._zero, len_b], dim=1)
+        torch.add(self._range_base, bounds, alpha=T, out=self._ranges_flat)
 
-        ring_slot = torch.arange(R, device=dev)
-        in_window = ((ring_slot[None, :] - start[:, None]) % R) < n_prev[:, None]  # (B, R)
+        in_window = ((self._ring_slot - start[:, None]) % R) < n_prev[:, None]  # (B, R)
         self.window_ksum.copy_(
             torch.einsum("br,lbrhd->lbhd", in_window.float(), self.frame_ksum[:, :, s:])
         )
-        self.window_tokens.copy_(n_prev * T)
-        self.sink_active.copy_((cur >= s) & (s > 0))
+        torch.mul(n_prev, T, out=self.window_tokens)
+        if s > 0:  # without static sinks sink_active stays False
+            torch.ge(cur, s, out=self.sink_active)
 
         if c.top_k > 0:
             self._prepare_slots(cur)
@@ -341,10 +345,9 @@ class DySinkCache:
                 self.stager.prefetch(self.slot_idx)
         self.anomaly_tracker.drop.fill_(False)
 
-        frames = cur + torch.arange(fpb, device=dev)
-        slots = torch.where(frames < s, frames, s + (frames - s) % R)
-        self.write_frames.copy_(slots)
-        self.write_pos.copy_((slots[:, None] * T + torch.arange(T, device=dev)).reshape(-1))
+        frames = cur + self._block_frame
+        slots = torch.where(frames < s, frames, s + (frames - s) % R, out=self.write_frames)
+        torch.add(self._frame_token, (slots * T)[:, None], out=self._write_pos_2d)
 
         self._in_block = True
         self._committed = [False] * c.num_layers
@@ -424,14 +427,14 @@ class DySinkCache:
         c = self.config
         B, k = self.batch_size, c.top_k
         valid = torch.ge(self.slot_idx, 0, out=self.slot_valid)
-        idx = self.slot_idx.clamp(min=0).long()
-        frames = self.bank.frame.index_select(0, idx.flatten()).view(B, k)
+        idx = self.slot_idx.clamp(min=0).flatten()
+        frames = self.bank.frame.index_select(0, idx).view(B, k)
         target = cur - c.repositioning_distance
-        self.slot_delta.copy_(torch.where(valid, (target - frames).float(), 0.0))
-        order = torch.arange(B * k, device=self.device, dtype=torch.int32).view(B, k)
-        self._rot_slots.copy_(torch.where(valid, order, -1))
+        missing = valid.logical_not()
+        torch.sub(target, frames, out=self.slot_delta).masked_fill_(missing, 0.0)
+        self._rot_slots.copy_(self._slot_order).masked_fill_(missing, -1)
         if c.sink_rope == "relative":
-            means = self.bank.mean_k.index_select(1, idx.flatten())  # (L, B*k, H, D)
+            means = self.bank.mean_k.index_select(1, idx)  # (L, B*k, H, D)
             delta = self.slot_delta.reshape(1, B * k)
             self._rot_mean_k.copy_(rotate_temporal(means, delta, c.rope_theta))
 
