@@ -407,8 +407,8 @@ class DySinkCache:
             pool_k_scale=k_scale, pool_v_scale=v_scale, backend=self.backend,
         )  # fmt: skip
         if attn_stats is not None and not commit and c.top_k > 0:
-            self.anomaly_tracker.update(layer, attn_stats, self.slot_valid)
-            self.bank.add_usage(kept, self.anomaly_tracker.last[layer].mass_mean)
+            mass_mean = self.anomaly_tracker.update(layer, attn_stats, self.slot_valid)
+            self.bank.add_usage(kept, mass_mean)
 
         if commit:
             buffers.local_k.index_copy_(1, self.write_pos, k)
@@ -450,7 +450,7 @@ class DySinkCache:
 
     def anomaly(self, layer: int) -> AnomalyStats | None:
         """Entropy-anomaly statistics of ``layer`` after its last denoising call."""
-        return self.anomaly_tracker.last[layer]
+        return self.anomaly_tracker.stats(layer)
 
     @torch.no_grad()
     def end_block(
@@ -622,7 +622,7 @@ class DySinkCache:
         self._health.clear()
         self.recacher.forget_latents()  # the earlier video's latents do not belong here
         self._stats = [None] * self.config.num_layers
-        self.anomaly_tracker.last = [None] * self.config.num_layers
+        self.anomaly_tracker.forget()
         self.block = int(state["block"])
 
     def reset(self) -> None:
