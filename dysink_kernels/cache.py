@@ -492,7 +492,7 @@ class DySinkCache:
             feat = self.block_mean_key()
         self.recacher.check_latent(latent)
         self._ensure_recent(feat.shape[1])
-        feat = self._health.refuse(feat)
+        feat, finite = self._health.refuse(feat)
 
         self.bank.usage.mul_(c.usage_decay)
         evict_key = self.bank.least_relevant_order() if c.eviction == "least_relevant" else None
@@ -505,7 +505,6 @@ class DySinkCache:
         self.last_stored.copy_(stored)
         if self.store_latents:
             self.recacher.keep_latent(latent, stored, slot)
-        finite = torch.isfinite(feat).all(dim=1)
         row = self.block % c.query_blocks
         self.recent_feat[:, row] = torch.where(finite[:, None], F.normalize(feat, dim=-1), 0.0)
 

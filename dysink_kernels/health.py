@@ -67,11 +67,6 @@ class NonFiniteError(ValueError):
     """NaN or Inf reached the cache (call inputs, committed K/V or a block feature)."""
 
 
-def _bad_rows(x: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` bool: whether each row of ``x`` holds a non-finite value."""
-    return ~torch.isfinite(x).flatten(1).all(dim=1)
-
-
 def _max_abs(x: torch.Tensor) -> torch.Tensor:
     """``(B,)`` largest magnitude in each (non-empty) row of ``x``: NaN or +Inf exactly
     when the row holds a non-finite value (a max propagates NaN and cannot overflow)."""
@@ -81,6 +76,13 @@ def _max_abs(x: torch.Tensor) -> torch.Tensor:
 def _not_finite(max_abs: torch.Tensor) -> torch.Tensor:
     """Whether each of ``_max_abs``'s magnitudes is NaN or Inf."""
     return (max_abs < math.inf).logical_not_()
+
+
+def _bad_rows(x: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` bool: whether each row of ``x`` holds a non-finite value."""
+    if math.prod(x.shape[1:]) == 0:  # empty rows hold nothing non-finite
+        return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    return _not_finite(_max_abs(x))
 
 
 class CacheHealth:
@@ -108,11 +110,18 @@ class CacheHealth:
         zero = dict(nan=0.0, posinf=0.0, neginf=0.0)
         return torch.nan_to_num(k, **zero), torch.nan_to_num(v, **zero)
 
-    def refuse(self, feature: torch.Tensor) -> torch.Tensor:
-        """Flag a non-finite block feature; return the feature with the rows of samples
-        whose committed K/V were not finite set to NaN (the bank does not store those)."""
-        self.flags[2] = _bad_rows(feature)
-        return torch.where(self.flags[1][:, None], float("nan"), feature)
+    def refuse(self, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flag a non-finite block feature.
+
+        Returns:
+            The feature with the rows of samples whose committed K/V were not finite
+            set to NaN (the bank does not store those), and ``(B,)`` bool: which of
+            its rows are finite.
+        """
+        bad = _bad_rows(feature)
+        self._feature_flags.copy_(bad)
+        refused = torch.where(self._kv_flags[:, None], float("nan"), feature)
+        return refused, bad.logical_or_(self._kv_flags).logical_not_()
 
     def report(self, block: int) -> None:
         """Send the block's flags to the host (no wait) and clear them."""
