@@ -210,6 +210,7 @@ class DySinkCache:
         self.local_ranges = torch.zeros(B, _N_RANGES, 2, dtype=torch.int32, device=dev)
         self.window_ksum = torch.zeros(Ly, B, H, D, dtype=torch.float32, device=dev)
         self.window_tokens = torch.zeros(B, dtype=torch.float32, device=dev)
+        self._window_tokens_3d = self.window_tokens.view(B, 1, 1)  # divides (B, H, D) sums
         self.sink_active = torch.zeros((), dtype=torch.bool, device=dev)
         self.write_frames = torch.zeros(c.frames_per_block, dtype=torch.int64, device=dev)
         self.write_pos = torch.zeros(c.block_tokens, dtype=torch.int64, device=dev)

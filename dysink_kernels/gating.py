@@ -191,7 +191,7 @@ class SinkGate:
         cache = self.cache
         qbar = q.float().mean(dim=1)
         kbar_local = k.float().sum(dim=1).add_(cache._layers[layer].window_ksum)
-        return qbar, kbar_local.div_((cache.window_tokens + k.shape[1]).view(-1, 1, 1))
+        return qbar, kbar_local.div_(cache._window_tokens_3d + k.shape[1])
 
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, commit: bool
