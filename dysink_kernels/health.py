@@ -7,9 +7,11 @@ before they are loaded.
 * row 1: the K/V committed by a clean pass held NaN or Inf;
 * row 2: the block's feature held NaN or Inf.
 
-The attention calls only OR into these flags (device ops, no host read, safe inside a
-CUDA graph). ``end_block`` copies them into pinned host memory after an event and
-clears them; the host reads a copy once its event has completed, at a later
+The attention calls only fold the largest magnitude of their inputs (and of committed
+K/V) into per-sample maxima, NaN or Inf exactly when a value was not finite, from which
+rows 0 and 1 are read (device ops, no host read, safe inside a CUDA graph).
+``end_block`` copies the flags into pinned host memory after an event and clears
+them; the host reads a copy once its event has completed, at a later
 ``begin_block``/``attend``/``end_block``, and raises :class:`NonFiniteError`.
 ``check_health()`` waits for the copies and also reads the block in progress.
 
@@ -89,12 +91,21 @@ class CacheHealth:
     """Per-sample non-finite flags of the block in progress and their reports."""
 
     def __init__(self, batch: int, device: torch.device) -> None:
-        self.flags = torch.zeros(3, batch, dtype=torch.bool, device=device)
-        # Views of the rows, updated in place (``flags`` itself is never replaced).
-        self._call_flags, self._kv_flags, self._feature_flags = self.flags.unbind(0)
+        # Largest magnitude per sample in this block's call inputs and committed K/V.
+        self._largest = torch.zeros(2, batch, dtype=torch.float32, device=device)
+        self._call_largest, self._kv_largest = self._largest.unbind(0)
+        self._flags = torch.zeros(3, batch, dtype=torch.bool, device=device)
+        self._feature_flags = self._flags[2]
         self._pin = device.type == "cuda"
         self._free: list[torch.Tensor] = []
         self._pending: deque[tuple[int, torch.Tensor, torch.cuda.Event | None]] = deque()
+
+    @property
+    def flags(self) -> torch.Tensor:
+        """``(3, B)`` bool device flags of the block in progress (rows as in the module
+        docstring), brought up to date at each read."""
+        torch.logical_not(self._largest < math.inf, out=self._flags[:2])
+        return self._flags
 
     def check_call(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, commit: bool
@@ -103,10 +114,11 @@ class CacheHealth:
         non-finite elements set to 0 (what the window keeps). Every sample's ``q``,
         ``k`` and ``v`` must hold at least one element."""
         kv_max = torch.maximum(_max_abs(k), _max_abs(v))
-        self._call_flags.logical_or_(_not_finite(torch.maximum(_max_abs(q), kv_max)))
+        call_max = torch.maximum(_max_abs(q), kv_max)
+        torch.maximum(self._call_largest, call_max, out=self._call_largest)
         if not commit:
             return k, v
-        self._kv_flags.logical_or_(_not_finite(kv_max))
+        torch.maximum(self._kv_largest, kv_max, out=self._kv_largest)
         zero = dict(nan=0.0, posinf=0.0, neginf=0.0)
         return torch.nan_to_num(k, **zero), torch.nan_to_num(v, **zero)
 
@@ -120,8 +132,9 @@ class CacheHealth:
         """
         bad = _bad_rows(feature)
         self._feature_flags.copy_(bad)
-        refused = torch.where(self._kv_flags[:, None], float("nan"), feature)
-        return refused, bad.logical_or_(self._kv_flags).logical_not_()
+        kv_bad = _not_finite(self._kv_largest)
+        refused = torch.where(kv_bad[:, None], float("nan"), feature)
+        return refused, bad.logical_or_(kv_bad).logical_not_()
 
     def report(self, block: int) -> None:
         """Send the block's flags to the host (no wait) and clear them."""
@@ -134,7 +147,7 @@ class CacheHealth:
             event = torch.cuda.Event()
             event.record()
         self._pending.append((block, host, event))
-        self.flags.zero_()
+        self._zero()
 
     def raise_if_reported(self, wait: bool = False) -> None:
         """Raise :class:`NonFiniteError` for the oldest completed report that found
@@ -160,9 +173,13 @@ class CacheHealth:
         if message:
             raise NonFiniteError(message + " (block in progress)")
 
+    def _zero(self) -> None:
+        self._largest.zero_()
+        self._flags.zero_()
+
     def clear(self) -> None:
         """Forget the flags and any report in flight (after loading a checkpoint)."""
-        self.flags.zero_()
+        self._zero()
         while self._pending:
             self._free.append(self._pending.popleft()[1])
 
