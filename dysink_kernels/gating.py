@@ -166,7 +166,7 @@ class AnomalyTracker:
         if call.warm:
             std = call.var.clamp(min=0).sqrt_()
             low = call.entropy < call.mean - std.mul_(c.anomaly_z)
-            low_fraction = low.mean(dim=1, dtype=torch.float32)  # (B,)
+            low_fraction = low.float().mean(dim=1)  # (B,)
             drop.logical_or_((low_fraction > 0.5)[:, None])
         else:  # the z-test is not trusted yet: no head counts as low
             low_fraction = call.entropy.new_zeros(call.entropy.shape[0])
