@@ -66,6 +66,9 @@ class _Backend:
 
 
 _REGISTRY: dict[str, dict[str, _Backend]] = {}
+# Successful resolutions: (op, backend, device type, device index) -> (name, backend).
+# Availability does not change while the process runs; register_backend clears it.
+_RESOLVED: dict[tuple[str, str, str, int | None], tuple[str, _Backend]] = {}
 
 
 @cache
@@ -94,6 +97,7 @@ def register_backend(
     if available is None:
         available = AVAILABLE.get(name, AVAILABLE["naive"])
     _REGISTRY.setdefault(op, {})[name] = _Backend(name, loader, available)
+    _RESOLVED.clear()
 
 
 def registered_ops() -> list[str]:
@@ -123,15 +127,26 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> tuple[str, C
     """Return ``(name, fn)`` for ``backend`` of ``op`` on ``device``.
 
     Raises ``ValueError`` for an unknown name and ``RuntimeError`` when a named
-    backend exists but cannot run on ``device``.
+    backend exists but cannot run on ``device``. The choice is made once per op,
+    name and device and remembered (every op call resolves its backend).
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    key = (op, backend, device.type, device.index)
+    resolved = _RESOLVED.get(key)
+    if resolved is None:
+        resolved = _RESOLVED[key] = _choose(op, backend, device)
+    name, entry = resolved
+    return name, entry.load()
+
+
+def _choose(op: str, backend: str, device: torch.device) -> tuple[str, _Backend]:
+    """The backend ``resolve_backend`` runs, or its errors."""
     table = _table(op)
     if backend == "auto":
         for name in auto_order(op, device):
             if name in table and table[name].usable(device):
-                return name, table[name].load()
+                return name, table[name]
         raise RuntimeError(f"no backend of {op} can run on {device}")
     if backend not in table:
         raise ValueError(
@@ -140,11 +155,7 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> tuple[str, C
     entry = table[backend]
     if not entry.usable(device):
         raise RuntimeError(f"backend {backend!r} of {op} is not available on {device}")
-    return backend, entry.load()
-
-
-def _first_tensor(args: tuple) -> torch.Tensor:
-    return next(a for a in args if isinstance(a, torch.Tensor))
+    return backend, entry
 
 
 def define_op(
@@ -158,7 +169,7 @@ def define_op(
 
     ``schema`` is the op's argument list and outputs in ``torch.library`` syntax; its
     last argument must be ``str backend="auto"``. Each call resolves ``backend`` once,
-    on the device of the first tensor argument, then runs ``call(fn, args)`` (by
+    on the device of the first argument of type Tensor, then runs ``call(fn, args)`` (by
     default ``fn(*args[:-1])``: the backend protocol above), where ``args`` is a named
     tuple of the schema's arguments, defaults filled in. ``call`` is where an op
     settles empty problems before any backend sees them and adapts what its
@@ -171,6 +182,10 @@ def define_op(
     if fields[-1] != "backend":
         raise ValueError(f"the last argument of {name}'s schema must be 'str backend'")
     first_default = next(i for i, a in enumerate(parsed.arguments) if a.has_default_value())
+    # The argument whose device picks the backend: the first one that is always a tensor.
+    first_tensor = next(
+        i for i, a in enumerate(parsed.arguments) if a.type == torch._C.TensorType.get()
+    )
     defaults = [a.default_value for a in parsed.arguments[first_default:]]
     args_type = namedtuple(f"{name}_args", fields, defaults=defaults)
     mutated = tuple(
@@ -179,7 +194,7 @@ def define_op(
 
     def run(*args, **kwargs):
         a = args_type(*args, **kwargs)
-        _, fn = resolve_backend(name, a.backend, _first_tensor(a).device)
+        _, fn = resolve_backend(name, a.backend, a[first_tensor].device)
         return fn(*a[:-1]) if call is None else call(fn, a)
 
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", run, mutates_args=mutated, schema=schema)

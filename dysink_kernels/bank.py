@@ -265,8 +265,8 @@ class FrameBank:
 
     def add_usage(self, slot_idx: torch.Tensor, mass: torch.Tensor) -> None:
         """Add ``mass (B, n)`` to the usage of the attended ``slot_idx (B, n)`` (``-1`` skips)."""
-        idx = slot_idx.long().clamp(min=0).flatten()
-        self.usage.index_add_(0, idx, torch.where(slot_idx >= 0, mass, 0.0).flatten().float())
+        mass = mass.float().masked_fill(slot_idx < 0, 0.0)
+        self.usage.index_add_(0, slot_idx.clamp(min=0).flatten(), mass.flatten())
 
     def state_dict(self) -> dict[str, torch.Tensor | None]:
         """The bank's tensors (live buffers, not copies)."""

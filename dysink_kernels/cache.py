@@ -70,6 +70,18 @@ class SinkLayerStats(NamedTuple):
     commit: bool
 
 
+class _LayerBuffers(NamedTuple):
+    """One layer's slices of the cache's and its bank's per-layer buffers (views)."""
+
+    local_k: torch.Tensor
+    local_v: torch.Tensor
+    frame_ksum: torch.Tensor
+    window_ksum: torch.Tensor
+    bank_k: torch.Tensor
+    bank_v: torch.Tensor
+    bank_mean_k: torch.Tensor
+
+
 class DySinkCache:
     """Window ring + frame bank + per-block state for one batch of videos.
 
@@ -193,21 +205,42 @@ class DySinkCache:
         # Per-block device state, updated in place by begin_block.
         self.frame_dev = torch.zeros((), dtype=torch.int64, device=dev)
         self.slot_idx = torch.full((B, c.top_k), -1, dtype=torch.int32, device=dev)
+        self.slot_valid = torch.zeros(B, c.top_k, dtype=torch.bool, device=dev)  # slot_idx >= 0
         self.slot_score = torch.full((B, c.top_k), float("-inf"), device=dev)
         self.local_ranges = torch.zeros(B, _N_RANGES, 2, dtype=torch.int32, device=dev)
         self.window_ksum = torch.zeros(Ly, B, H, D, dtype=torch.float32, device=dev)
         self.window_tokens = torch.zeros(B, dtype=torch.float32, device=dev)
+        self._window_tokens_3d = self.window_tokens.view(B, 1, 1)  # divides (B, H, D) sums
         self.sink_active = torch.zeros((), dtype=torch.bool, device=dev)
         self.write_frames = torch.zeros(c.frames_per_block, dtype=torch.int64, device=dev)
         self.write_pos = torch.zeros(c.block_tokens, dtype=torch.int64, device=dev)
         self.last_stored = torch.zeros(B, dtype=torch.bool, device=dev)
+        # Each layer's views, made once (indexing a buffer by layer is an op of its own).
+        self._layers = [
+            _LayerBuffers(*views)
+            for views in zip(
+                self.local_k.unbind(0), self.local_v.unbind(0), self.frame_ksum.unbind(0),
+                self.window_ksum.unbind(0), self.bank.k.unbind(0), self.bank.v.unbind(0),
+                self.bank.mean_k.unbind(0),
+            )
+        ]  # fmt: skip
         self._sink_slots = torch.arange(B, dtype=torch.int32, device=dev)[:, None]
         self._no_slots = torch.full((B, 0), -1, dtype=torch.int32, device=dev)
+        # Constants of begin_block's layout arithmetic, and views it writes through.
+        self._ring_slot = torch.arange(R, device=dev)
+        self._block_frame = torch.arange(c.frames_per_block, device=dev)
+        self._frame_token = torch.arange(T, device=dev)
+        self._zero = torch.zeros(B, dtype=torch.int64, device=dev)
+        # local_ranges = T * [0, sinks, start, start + len_a, 0, len_b] + these offsets
+        self._range_base = torch.tensor([0, 0, s * T, s * T, s * T, s * T], device=dev)
+        self._ranges_flat = self.local_ranges.view(B, 2 * _N_RANGES)
+        self._write_pos_2d = self.write_pos.view(c.frames_per_block, T)
         # Re-positioned sinks: per-slot shift in frames and the gate's turned mean keys.
         k_ = c.top_k
         self.slot_delta = torch.zeros(B, k_, dtype=torch.float32, device=dev)
         self._rot_mean_k = torch.zeros(Ly, B * k_, H, D, dtype=torch.float32, device=dev)
         self._rot_slots = torch.full((B, k_), -1, dtype=torch.int32, device=dev)
+        self._slot_order = torch.arange(B * k_, dtype=torch.int32, device=dev).view(B, k_)
         # Entropy-anomaly statistics per layer and head (EMA over denoising calls).
         self.anomaly_tracker = AnomalyTracker(c, B, dev)
         self.gate = SinkGate(self)
@@ -270,7 +303,6 @@ class DySinkCache:
         fpb, L, s, R, T = (
             c.frames_per_block, c.local_frames, c.sink_frames, c.ring_frames, c.tokens_per_frame,
         )  # fmt: skip
-        dev = self.device
         cur = self.frame_dev
         counts = self.bank.counts()
         B = self.batch_size
@@ -291,27 +323,22 @@ class DySinkCache:
             self.slot_idx.copy_(slot)
             self.slot_score.copy_(score)
 
-        # Window ranges in the local buffer: [sinks] + ring part a + ring part b.
+        # Window ranges in the local buffer: [sinks] + ring part a + ring part b, from
+        # their bounds in frames.
         start = (lo - s) % R
         len_a = torch.minimum(n_prev, R - start)
         len_b = n_prev - len_a
-        base = s * T
-        sink_end = (torch.clamp(cur, max=s) * T).expand(B)
-        zero = torch.zeros_like(start)
-        ranges = torch.stack(
-            [zero, sink_end, base + start * T, base + (start + len_a) * T, zero + base,
-             base + len_b * T],
-            dim=1,
-        ).view(B, _N_RANGES, 2)  # fmt: skip
-        self.local_ranges.copy_(ranges)
+        sinks = torch.clamp(cur, max=s).expand(B)
+        bounds = torch.stack([self._zero, sinks, start, start + len_a, self._zero, len_b], dim=1)
+        torch.add(self._range_base, bounds, alpha=T, out=self._ranges_flat)
 
-        ring_slot = torch.arange(R, device=dev)
-        in_window = ((ring_slot[None, :] - start[:, None]) % R) < n_prev[:, None]  # (B, R)
+        in_window = ((self._ring_slot - start[:, None]) % R) < n_prev[:, None]  # (B, R)
         self.window_ksum.copy_(
             torch.einsum("br,lbrhd->lbhd", in_window.float(), self.frame_ksum[:, :, s:])
         )
-        self.window_tokens.copy_(n_prev * T)
-        self.sink_active.copy_((cur >= s) & (s > 0))
+        torch.mul(n_prev, T, out=self.window_tokens)
+        if s > 0:  # without static sinks sink_active stays False
+            torch.ge(cur, s, out=self.sink_active)
 
         if c.top_k > 0:
             self._prepare_slots(cur)
@@ -319,10 +346,9 @@ class DySinkCache:
                 self.stager.prefetch(self.slot_idx)
         self.anomaly_tracker.drop.fill_(False)
 
-        frames = cur + torch.arange(fpb, device=dev)
-        slots = torch.where(frames < s, frames, s + (frames - s) % R)
-        self.write_frames.copy_(slots)
-        self.write_pos.copy_((slots[:, None] * T + torch.arange(T, device=dev)).reshape(-1))
+        frames = cur + self._block_frame
+        slots = torch.where(frames < s, frames, s + (frames - s) % R, out=self.write_frames)
+        torch.add(self._frame_token, (slots * T)[:, None], out=self._write_pos_2d)
 
         self._in_block = True
         self._committed = [False] * c.num_layers
@@ -354,19 +380,15 @@ class DySinkCache:
         B = self.batch_size
         k, v = self._health.check_call(q, k, v, commit)
 
-        qbar = q.float().mean(dim=1)
-        kbar_local = (self.window_ksum[layer] + k.float().sum(dim=1)) / (
-            self.window_tokens + k.shape[1]
-        )[:, None, None]
-
-        kept, ratio, sink_ratio, sink_kept = self.gate(layer, qbar, kbar_local, commit)
+        buffers = self._layers[layer]
+        kept, ratio, sink_ratio, sink_kept = self.gate(layer, q, k, commit)
         ranges = self.local_ranges
         if sink_kept is not None:
             ranges = ranges.clone()
             ranges[:, 0, 1] *= sink_kept.to(ranges.dtype)
 
         relative = c.sink_rope == "relative" and not commit and c.top_k > 0
-        pool_k, pool_v, attend_slots = self.bank.k[layer], self.bank.v[layer], kept
+        pool_k, pool_v, attend_slots = buffers.bank_k, buffers.bank_v, kept
         k_scale, v_scale = self.bank.scales(layer)
         if self.stager is not None:  # the retrieved slots were staged at _rot_slots' places
             self.stager.wait(layer)
@@ -380,20 +402,20 @@ class DySinkCache:
             pool_k, pool_v, attend_slots = self.bank.gather_as(pool_k, pool_v, attend_slots, q)
         out, attn_stats = gathered_sink_attention_general(
             q, pool_k, pool_v, attend_slots,
-            self.local_k[layer], self.local_v[layer], ranges, k, v,
+            buffers.local_k, buffers.local_v, ranges, k, v,
             softmax_scale=c.softmax_scale, return_stats=c.stats,
             slot_delta=self.slot_delta if relative else None, rope_theta=c.rope_theta,
             pool_k_scale=k_scale, pool_v_scale=v_scale, backend=self.backend,
         )  # fmt: skip
         if attn_stats is not None and not commit and c.top_k > 0:
-            self.anomaly_tracker.update(layer, attn_stats, self.slot_idx)
-            self.bank.add_usage(kept, attn_stats.slot_mass.mean(dim=1))
+            mass_mean = self.anomaly_tracker.update(layer, attn_stats, self.slot_valid)
+            self.bank.add_usage(kept, mass_mean)
 
         if commit:
-            self.local_k[layer].index_copy_(1, self.write_pos, k)
-            self.local_v[layer].index_copy_(1, self.write_pos, v)
+            buffers.local_k.index_copy_(1, self.write_pos, k)
+            buffers.local_v.index_copy_(1, self.write_pos, v)
             per_frame = k.float().view(B, c.frames_per_block, c.tokens_per_frame, *k.shape[2:])
-            self.frame_ksum[layer].index_copy_(1, self.write_frames, per_frame.sum(dim=2))
+            buffers.frame_ksum.index_copy_(1, self.write_frames, per_frame.sum(dim=2))
             self._committed[layer] = True
         self._stats[layer] = SinkLayerStats(
             attn_stats, self.slot_idx, kept, ratio, sink_ratio, sink_kept, commit
@@ -405,15 +427,15 @@ class DySinkCache:
         gate's view of their mean keys."""
         c = self.config
         B, k = self.batch_size, c.top_k
-        valid = self.slot_idx >= 0
-        idx = self.slot_idx.clamp(min=0).long()
-        frames = self.bank.frame.index_select(0, idx.flatten()).view(B, k)
+        valid = torch.ge(self.slot_idx, 0, out=self.slot_valid)
+        idx = self.slot_idx.clamp(min=0).flatten()
+        frames = self.bank.frame.index_select(0, idx).view(B, k)
         target = cur - c.repositioning_distance
-        self.slot_delta.copy_(torch.where(valid, (target - frames).float(), 0.0))
-        order = torch.arange(B * k, device=self.device, dtype=torch.int32).view(B, k)
-        self._rot_slots.copy_(torch.where(valid, order, -1))
+        missing = valid.logical_not()
+        torch.sub(target, frames, out=self.slot_delta).masked_fill_(missing, 0.0)
+        self._rot_slots.copy_(self._slot_order).masked_fill_(missing, -1)
         if c.sink_rope == "relative":
-            means = self.bank.mean_k.index_select(1, idx.flatten())  # (L, B*k, H, D)
+            means = self.bank.mean_k.index_select(1, idx)  # (L, B*k, H, D)
             delta = self.slot_delta.reshape(1, B * k)
             self._rot_mean_k.copy_(rotate_temporal(means, delta, c.rope_theta))
 
@@ -429,7 +451,7 @@ class DySinkCache:
 
     def anomaly(self, layer: int) -> AnomalyStats | None:
         """Entropy-anomaly statistics of ``layer`` after its last denoising call."""
-        return self.anomaly_tracker.last[layer]
+        return self.anomaly_tracker.stats(layer)
 
     @torch.no_grad()
     def end_block(
@@ -471,7 +493,7 @@ class DySinkCache:
             feat = self.block_mean_key()
         self.recacher.check_latent(latent)
         self._ensure_recent(feat.shape[1])
-        feat = self._health.refuse(feat)
+        feat, finite = self._health.refuse(feat)
 
         self.bank.usage.mul_(c.usage_decay)
         evict_key = self.bank.least_relevant_order() if c.eviction == "least_relevant" else None
@@ -484,7 +506,6 @@ class DySinkCache:
         self.last_stored.copy_(stored)
         if self.store_latents:
             self.recacher.keep_latent(latent, stored, slot)
-        finite = torch.isfinite(feat).all(dim=1)
         row = self.block % c.query_blocks
         self.recent_feat[:, row] = torch.where(finite[:, None], F.normalize(feat, dim=-1), 0.0)
 
@@ -596,11 +617,12 @@ class DySinkCache:
             self._ensure_recent(state["recent_feat"].shape[-1])
             self.recent_feat.copy_(state["recent_feat"])
         self.slot_idx.fill_(-1)  # nothing retrieved until the next begin_block
+        self.slot_valid.fill_(False)
         self.slot_score.fill_(float("-inf"))
         self._health.clear()
         self.recacher.forget_latents()  # the earlier video's latents do not belong here
         self._stats = [None] * self.config.num_layers
-        self.anomaly_tracker.last = [None] * self.config.num_layers
+        self.anomaly_tracker.forget()
         self.block = int(state["block"])
 
     def reset(self) -> None:

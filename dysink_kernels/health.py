@@ -7,9 +7,11 @@ before they are loaded.
 * row 1: the K/V committed by a clean pass held NaN or Inf;
 * row 2: the block's feature held NaN or Inf.
 
-The attention calls only OR into these flags (device ops, no host read, safe inside a
-CUDA graph). ``end_block`` copies them into pinned host memory after an event and
-clears them; the host reads a copy once its event has completed, at a later
+The attention calls only fold the largest magnitude of their inputs (and of committed
+K/V) into per-sample maxima, NaN or Inf exactly when a value was not finite, from which
+rows 0 and 1 are read (device ops, no host read, safe inside a CUDA graph).
+``end_block`` copies the flags into pinned host memory after an event and clears
+them; the host reads a copy once its event has completed, at a later
 ``begin_block``/``attend``/``end_block``, and raises :class:`NonFiniteError`.
 ``check_health()`` waits for the copies and also reads the block in progress.
 
@@ -24,6 +26,7 @@ constructor arguments (devices that exist, a bank that fits).
 
 from __future__ import annotations
 
+import math
 import os
 from collections import deque
 from typing import TYPE_CHECKING
@@ -66,38 +69,72 @@ class NonFiniteError(ValueError):
     """NaN or Inf reached the cache (call inputs, committed K/V or a block feature)."""
 
 
+def _max_abs(x: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` largest magnitude in each (non-empty) row of ``x``: NaN or +Inf exactly
+    when the row holds a non-finite value (a max propagates NaN and cannot overflow)."""
+    return x.abs().amax(dim=tuple(range(1, x.dim())))
+
+
+def _not_finite(max_abs: torch.Tensor) -> torch.Tensor:
+    """Whether each of ``_max_abs``'s magnitudes is NaN or Inf."""
+    return (max_abs < math.inf).logical_not_()
+
+
 def _bad_rows(x: torch.Tensor) -> torch.Tensor:
     """``(B,)`` bool: whether each row of ``x`` holds a non-finite value."""
-    return ~torch.isfinite(x).flatten(1).all(dim=1)
+    if math.prod(x.shape[1:]) == 0:  # empty rows hold nothing non-finite
+        return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    return _not_finite(_max_abs(x))
 
 
 class CacheHealth:
     """Per-sample non-finite flags of the block in progress and their reports."""
 
     def __init__(self, batch: int, device: torch.device) -> None:
-        self.flags = torch.zeros(3, batch, dtype=torch.bool, device=device)
+        # Largest magnitude per sample in this block's call inputs and committed K/V.
+        self._largest = torch.zeros(2, batch, dtype=torch.float32, device=device)
+        self._call_largest, self._kv_largest = self._largest.unbind(0)
+        self._flags = torch.zeros(3, batch, dtype=torch.bool, device=device)
+        self._feature_flags = self._flags[2]
         self._pin = device.type == "cuda"
         self._free: list[torch.Tensor] = []
         self._pending: deque[tuple[int, torch.Tensor, torch.cuda.Event | None]] = deque()
+
+    @property
+    def flags(self) -> torch.Tensor:
+        """``(3, B)`` bool device flags of the block in progress (rows as in the module
+        docstring), brought up to date at each read."""
+        torch.logical_not(self._largest < math.inf, out=self._flags[:2])
+        return self._flags
 
     def check_call(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, commit: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Flag non-finite inputs of one call; a clean pass's K/V come back with
-        non-finite elements set to 0 (what the window keeps)."""
-        kv_bad = _bad_rows(k) | _bad_rows(v)
-        self.flags[0] |= _bad_rows(q) | kv_bad
+        non-finite elements set to 0 (what the window keeps). Every sample's ``q``,
+        ``k`` and ``v`` must hold at least one element."""
+        kv_max = torch.maximum(_max_abs(k), _max_abs(v))
+        call_max = torch.maximum(_max_abs(q), kv_max)
+        torch.maximum(self._call_largest, call_max, out=self._call_largest)
         if not commit:
             return k, v
-        self.flags[1] |= kv_bad
+        torch.maximum(self._kv_largest, kv_max, out=self._kv_largest)
         zero = dict(nan=0.0, posinf=0.0, neginf=0.0)
         return torch.nan_to_num(k, **zero), torch.nan_to_num(v, **zero)
 
-    def refuse(self, feature: torch.Tensor) -> torch.Tensor:
-        """Flag a non-finite block feature; return the feature with the rows of samples
-        whose committed K/V were not finite set to NaN (the bank does not store those)."""
-        self.flags[2] = _bad_rows(feature)
-        return torch.where(self.flags[1][:, None], float("nan"), feature)
+    def refuse(self, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flag a non-finite block feature.
+
+        Returns:
+            The feature with the rows of samples whose committed K/V were not finite
+            set to NaN (the bank does not store those), and ``(B,)`` bool: which of
+            its rows are finite.
+        """
+        bad = _bad_rows(feature)
+        self._feature_flags.copy_(bad)
+        kv_bad = _not_finite(self._kv_largest)
+        refused = torch.where(kv_bad[:, None], float("nan"), feature)
+        return refused, bad.logical_or_(kv_bad).logical_not_()
 
     def report(self, block: int) -> None:
         """Send the block's flags to the host (no wait) and clear them."""
@@ -110,7 +147,7 @@ class CacheHealth:
             event = torch.cuda.Event()
             event.record()
         self._pending.append((block, host, event))
-        self.flags.zero_()
+        self._zero()
 
     def raise_if_reported(self, wait: bool = False) -> None:
         """Raise :class:`NonFiniteError` for the oldest completed report that found
@@ -136,9 +173,13 @@ class CacheHealth:
         if message:
             raise NonFiniteError(message + " (block in progress)")
 
+    def _zero(self) -> None:
+        self._largest.zero_()
+        self._flags.zero_()
+
     def clear(self) -> None:
         """Forget the flags and any report in flight (after loading a checkpoint)."""
-        self.flags.zero_()
+        self._zero()
         while self._pending:
             self._free.append(self._pending.popleft()[1])
 

@@ -49,7 +49,7 @@ class SinkAttention(nn.Module):
     ) -> torch.Tensor:
         if not isinstance(cache, DySinkCache):
             raise TypeError(f"cache must be a DySinkCache, got {type(cache).__name__}")
-        if self.config is not None and self.config != cache.config:
+        if self.config not in (None, cache.config):  # identity first, then equality
             raise ValueError(
                 "this SinkAttention was built for another DySinkConfig than the cache's"
             )

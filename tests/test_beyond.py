@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from dysink_kernels import DySinkCache, SinkAttention, rotate_temporal
+from dysink_kernels import AnomalyStats, DySinkCache, SinkAttention, rotate_temporal
 
 from harness import tiny_config
 
@@ -131,6 +131,38 @@ def test_entropy_gate_matches_naive_recomputation():
                 assert kept[b][j] == (-1 if dropped or slot < 0 else slot)
         last[layer] = (block, drop)
     assert n_drops > 0, "the entropy gate never dropped a slot: the test would prove little"
+
+
+def test_anomaly_stats_are_those_of_the_call_whenever_read():
+    """The statistics are computed when first read. Read right after each call, each
+    call's low-head test uses the running statistics of the call before; read after
+    the next begin_block (new slot mask, statistics moved on), they are the same."""
+    cfg = tiny_config(anomaly_warmup=2, anomaly_z=0.0, anomaly_decay=0.0, max_entries=4, dedup=None)
+    now = []
+
+    def read_now(cache, layer, out):
+        now.append((layer, AnomalyStats(*(t.clone() for t in cache.anomaly(layer)))))
+
+    def run(record):
+        cache = DySinkCache(cfg, batch_size=2, dtype=torch.float32)
+        drive(cache, SinkAttention(cfg), torch.Generator().manual_seed(4), 6, record=record)
+        return cache
+
+    run(read_now)
+    prev, n_low = {}, 0
+    for layer, stats in now:
+        if layer in prev and prev[layer][1] >= cfg.anomaly_warmup:
+            mean, std = prev[layer][0].entropy_mean, prev[layer][0].entropy_std
+            low = stats.entropy < mean - cfg.anomaly_z * std
+            assert torch.equal(stats.low_fraction, low.float().mean(dim=1))
+            n_low += int(low.any())
+        prev[layer] = (stats, prev.get(layer, (None, 0))[1] + 1)
+    assert n_low > 0, "no head was ever low: the test would prove little"
+    cache = run(None)
+    cache.begin_block()
+    for layer, (stats, _) in prev.items():
+        for late, at_once in zip(cache.anomaly(layer), stats):
+            assert torch.equal(late, at_once)
 
 
 def test_rope_diagnostic_cli(tmp_path, capsys):

@@ -150,3 +150,26 @@ def test_auto_is_resolved_once_per_call(monkeypatch):
                  exclude_lo=i32([0]), exclude_hi=i32([0]))  # fmt: skip
     sink_gate(q, q, torch.randn(2, 2, 16), slots)
     assert calls == ["gathered_sink_attention", "select_sinks", "sink_gate"]
+
+
+def test_resolution_is_remembered_until_a_backend_is_registered(monkeypatch):
+    """resolve_backend remembers its choice per op, name and device; registering a
+    backend makes it choose again."""
+    from dysink_kernels import _registry
+
+    tables = {op: dict(table) for op, table in _registry._REGISTRY.items()}
+    monkeypatch.setattr(_registry, "_REGISTRY", tables)
+    monkeypatch.setattr(_registry, "_RESOLVED", {})
+    cpu = torch.device("cpu")
+    first = resolve_backend("select_sinks", "naive", cpu)
+    assert resolve_backend("select_sinks", "naive", cpu) == first
+
+    def replacement(*args):
+        raise AssertionError("not called")
+
+    _registry.register_backend("select_sinks", "naive", replacement)
+    assert resolve_backend("select_sinks", "naive", cpu) == ("naive", replacement)
+    with pytest.raises(ValueError, match="unknown backend"):  # errors are not remembered
+        resolve_backend("select_sinks", "fastest", cpu)
+    with pytest.raises(ValueError, match="unknown backend"):
+        resolve_backend("select_sinks", "fastest", cpu)
