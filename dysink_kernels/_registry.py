@@ -21,7 +21,7 @@ import importlib.util
 from collections import namedtuple
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, wraps
 
 import torch
 
@@ -175,7 +175,9 @@ def define_op(
     settles empty problems before any backend sees them and adapts what its
     backends return. ``fake(args)`` builds the outputs' metadata for
     ``torch.compile``. Arguments annotated ``(a!)`` in the schema are declared
-    mutated. Returns the op (call it positionally or by argument name).
+    mutated. Returns the entry point (call it positionally or by argument name): plain
+    eager calls run the backend directly (``_plain_eager``), every other call goes
+    through the custom op, which ``entry.op`` holds.
     """
     parsed = torch._C.parse_schema(f"{NAMESPACE}::{name}{schema}")
     fields = [a.name for a in parsed.arguments]
@@ -199,4 +201,30 @@ def define_op(
 
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", run, mutates_args=mutated, schema=schema)
     op.register_fake(lambda *args, **kwargs: fake(args_type(*args, **kwargs)))
-    return op
+
+    @wraps(run)
+    def entry(*args, **kwargs):
+        if _plain_eager(args, kwargs):
+            return run(*args, **kwargs)
+        return op(*args, **kwargs)
+
+    entry.op = op
+    return entry
+
+
+def _plain_eager(args: tuple, kwargs: dict) -> bool:
+    """Whether a call can skip the custom op's Python layers (about 15 us a call, more
+    for ops that mutate) and run its backend at once, with the same result: eager
+    execution (not traced by ``torch.compile``), no ``TorchDispatchMode`` active, plain
+    tensors only (no fake tensor or subclass) and none that records autograd. Every
+    other call goes through the op, which is what ``torch.compile``, fake tensors,
+    dispatch modes and autograd see."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    grad = torch.is_grad_enabled()
+    for a in (*args, *kwargs.values()):
+        if not isinstance(a, torch.Tensor):
+            continue
+        if type(a) is not torch.Tensor or (grad and a.requires_grad):
+            return False
+    return True

@@ -173,3 +173,40 @@ def test_resolution_is_remembered_until_a_backend_is_registered(monkeypatch):
         resolve_backend("select_sinks", "fastest", cpu)
     with pytest.raises(ValueError, match="unknown backend"):
         resolve_backend("select_sinks", "fastest", cpu)
+
+
+def test_plain_eager_calls_run_the_backend_at_once():
+    """A plain eager call runs the backend without the custom op's Python layers; a call
+    under a dispatch mode or with a tensor that records autograd goes through the op.
+    Both give the same result."""
+    from torch.profiler import profile
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dysink_kernels.ops.sink_gate import gate_votes
+
+    class Seen(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    qbar, kbar, means = (torch.randn(s, generator=g) for s in ((2, 3, 8), (2, 3, 8), (5, 3, 8)))
+    slots = torch.tensor([[0, -1], [4, 2]])
+
+    def op_events(fn):
+        with profile() as prof:
+            out = fn()
+        return out, [e.name for e in prof.events() if e.name.startswith("dysink::")]
+
+    eager, events = op_events(lambda: gate_votes(qbar, kbar, means, slots))
+    assert events == []
+    with Seen() as mode:
+        seen = gate_votes(qbar, kbar, means, slots)
+    assert mode.ops == ["dysink.gate_votes.default"]
+    traced, events = op_events(lambda: gate_votes(qbar.requires_grad_(), kbar, means, slots))
+    assert events == ["dysink::gate_votes"]
+    assert torch.equal(eager, seen) and torch.equal(eager, traced)
