@@ -370,6 +370,21 @@ Quad gathered_sink_attention_cpu_op(
   return res;
 }
 
+void fold_max_abs_cpu_op(const Tensor& acc, at::TensorList xs) {
+  check_rank(acc, "acc", 1);
+  check_dtype(acc, "acc", at::kFloat);
+  check_contiguous(acc, "acc");
+  for (const Tensor& x : xs) {
+    TORCH_CHECK(is_float(x), "xs must be float32, float16 or bfloat16, got ", x.scalar_type());
+    TORCH_CHECK(x.dim() >= 1 && x.size(0) == acc.size(0), "each of xs must have ",
+                acc.size(0), " rows (the size of acc), got shape ", x.sizes());
+    check_device(x, "xs", acc);
+  }
+  fold_max_abs_cpu(acc, xs);
+}
+
+void fold_max_abs_meta(const Tensor&, at::TensorList) {}
+
 // ---- Meta (shapes only) --------------------------------------------------------
 
 Pair select_sinks_meta(const Tensor& query_feat, const Tensor&, const Tensor&, const Tensor&,
@@ -603,7 +618,9 @@ TORCH_LIBRARY(dysink_C, m) {
       "Tensor(g!) slot_stamp, Tensor(h!) clock, Tensor src_k, Tensor src_v, Tensor src_pos, "
       "Tensor feature, Tensor frame, int slots_per_sample, int limit, float? dedup) "
       "-> (Tensor, Tensor)");
-  // CPU only: on GPUs gathered attention is the Triton kernel.
+  // CPU only: on GPUs gathered attention is the Triton kernel, and the finiteness
+  // check below runs as PyTorch ops.
+  m.def("fold_max_abs(Tensor(a!) acc, Tensor[] xs) -> ()");
   m.def(
       "gathered_sink_attention(Tensor q, Tensor pool_k, Tensor pool_v, Tensor slot_idx, "
       "Tensor local_k, Tensor local_v, Tensor local_ranges, Tensor? cur_k, Tensor? cur_v, "
@@ -618,6 +635,7 @@ TORCH_LIBRARY_IMPL(dysink_C, CPU, m) {
   m.impl("sink_gate", &dysink::sink_gate_cpu_op);
   m.impl("bank_insert", &dysink::bank_insert_cpu_op);
   m.impl("gathered_sink_attention", &dysink::gathered_sink_attention_cpu_op);
+  m.impl("fold_max_abs", &dysink::fold_max_abs_cpu_op);
 }
 
 TORCH_LIBRARY_IMPL(dysink_C, Meta, m) {
@@ -627,6 +645,7 @@ TORCH_LIBRARY_IMPL(dysink_C, Meta, m) {
   m.impl("sink_gate", &dysink::sink_gate_meta);
   m.impl("bank_insert", &dysink::bank_insert_meta);
   m.impl("gathered_sink_attention", &dysink::gathered_sink_attention_meta);
+  m.impl("fold_max_abs", &dysink::fold_max_abs_meta);
 }
 
 #ifdef DYSINK_WITH_CUDA

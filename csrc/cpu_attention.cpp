@@ -15,8 +15,7 @@
 //   lse     = ln2 (m + log2 l)
 //   entropy = ln2 (log2 l - sum e (y - m) / l)
 //   mass[j] = mean over queries of sum over slot j's keys of e / l.
-// The score pass is compiled for AVX-512, AVX2+FMA and baseline x86-64 (picked at load
-// time) on GCC/Clang x86-64 Linux, and for the build's target elsewhere.
+// The score pass is compiled for several x86-64 levels (DYSINK_CLONES, cpu_ops.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
@@ -31,12 +30,6 @@
 #include <vector>
 
 #include "cpu_ops.h"
-
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define DYSINK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DYSINK_CLONES
-#endif
 
 namespace dysink {
 namespace {

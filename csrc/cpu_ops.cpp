@@ -392,4 +392,69 @@ std::tuple<Tensor, Tensor> bank_insert_cpu(
   return {stored, slot};
 }
 
+namespace {
+
+// Largest |x[i]| of n floats, NaN if one of them is NaN (lanes: a float max reduction
+// does not vectorise without fast-math).
+DYSINK_CLONES float max_abs_f32(const float* x, int64_t n) {
+  constexpr int64_t kW = 16;
+  float m[kW] = {};
+  int32_t nan[kW] = {};
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+#pragma omp simd
+    for (int64_t j = 0; j < kW; ++j) {
+      const float v = x[i + j];
+      m[j] = std::max(m[j], std::fabs(v));
+      nan[j] |= static_cast<int32_t>(v != v);
+    }
+  }
+  float r = 0.f;
+  int32_t any_nan = 0;
+  for (int64_t j = 0; j < kW; ++j) {
+    r = std::max(r, m[j]);
+    any_nan |= nan[j];
+  }
+  for (; i < n; ++i) {
+    r = std::max(r, std::fabs(x[i]));
+    any_nan |= static_cast<int32_t>(x[i] != x[i]);
+  }
+  return any_nan ? std::numeric_limits<float>::quiet_NaN() : r;
+}
+
+template <typename T>
+float max_abs_row(const T* x, int64_t n) {
+  constexpr int64_t kChunk = 1024;
+  float buf[kChunk];
+  float r = 0.f;
+  for (int64_t i = 0; i < n; i += kChunk) {
+    const int64_t len = std::min(kChunk, n - i);
+    for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<float>(x[i + j]);
+    r = nan_max(r, max_abs_f32(buf, len));
+  }
+  return r;
+}
+
+template <>
+float max_abs_row<float>(const float* x, int64_t n) {
+  return max_abs_f32(x, n);
+}
+
+}  // namespace
+
+void fold_max_abs_cpu(const Tensor& acc, at::TensorList xs) {
+  float* a = acc.data_ptr<float>();
+  const int64_t B = acc.size(0);
+  for (const Tensor& x_in : xs) {
+    const Tensor x = x_in.contiguous();
+    const int64_t row = B > 0 ? x.numel() / B : 0;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fold_max_abs", [&] {
+      const scalar_t* p = x.const_data_ptr<scalar_t>();
+      at::parallel_for(0, B, grain(row), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) a[b] = nan_max(a[b], max_abs_row(p + b * row, row));
+      });
+    });
+  }
+}
+
 }  // namespace dysink

@@ -4,9 +4,18 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/TensorBody.h>
 
 #include <optional>
 #include <tuple>
+
+// Hot CPU loops are compiled for AVX-512, AVX2+FMA and baseline x86-64 (picked at load
+// time) with GCC/Clang on x86-64 Linux; elsewhere for the build's target.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define DYSINK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DYSINK_CLONES
+#endif
 
 namespace dysink {
 
@@ -35,6 +44,10 @@ std::tuple<at::Tensor, at::Tensor> bank_insert_cpu(
     const at::Tensor& src_v, const at::Tensor& src_pos, const at::Tensor& feature,
     const at::Tensor& frame, int64_t slots_per_sample, int64_t limit,
     std::optional<double> dedup);
+
+// acc[b] = max(acc[b], largest |x[b]| over every x in xs), NaN if any of them is NaN
+// (acc: (B,) fp32; each x: (B, ...) float).
+void fold_max_abs_cpu(const at::Tensor& acc, at::TensorList xs);
 
 // gathered_sink_attention on CPU (cpu_attention.cpp): (out, lse, entropy, slot_mass), the
 // statistics empty unless return_stats. Rows of q, pools, local and current K/V are read

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import _cuda
 from ._validate import canonical_device
 
 if TYPE_CHECKING:
@@ -97,6 +98,12 @@ class CacheHealth:
         self._flags = torch.zeros(3, batch, dtype=torch.bool, device=device)
         self._feature_flags = self._flags[2]
         self._pin = device.type == "cuda"
+        # On CPU with the extension built: torch.ops.dysink_C.fold_max_abs, the running
+        # maxima above updated in one pass per tensor (the same values as _max_abs and
+        # torch.maximum, NaN kept).
+        self._fold = (
+            _cuda.ops().fold_max_abs if device.type == "cpu" and _cuda.available(device) else None
+        )
         self._free: list[torch.Tensor] = []
         self._pending: deque[tuple[int, torch.Tensor, torch.cuda.Event | None]] = deque()
 
@@ -113,12 +120,18 @@ class CacheHealth:
         """Flag non-finite inputs of one call; a clean pass's K/V come back with
         non-finite elements set to 0 (what the window keeps). Every sample's ``q``,
         ``k`` and ``v`` must hold at least one element."""
-        kv_max = torch.maximum(_max_abs(k), _max_abs(v))
-        call_max = torch.maximum(_max_abs(q), kv_max)
-        torch.maximum(self._call_largest, call_max, out=self._call_largest)
-        if not commit:
-            return k, v
-        torch.maximum(self._kv_largest, kv_max, out=self._kv_largest)
+        if self._fold is not None:  # one C++ pass per tensor (CPU)
+            self._fold(self._call_largest, [q, k, v])
+            if not commit:
+                return k, v
+            self._fold(self._kv_largest, [k, v])
+        else:
+            kv_max = torch.maximum(_max_abs(k), _max_abs(v))
+            call_max = torch.maximum(_max_abs(q), kv_max)
+            torch.maximum(self._call_largest, call_max, out=self._call_largest)
+            if not commit:
+                return k, v
+            torch.maximum(self._kv_largest, kv_max, out=self._kv_largest)
         zero = dict(nan=0.0, posinf=0.0, neginf=0.0)
         return torch.nan_to_num(k, **zero), torch.nan_to_num(v, **zero)
 

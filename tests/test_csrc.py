@@ -585,6 +585,53 @@ def test_gathered_attention_checks():
     assert out.shape == q.shape and stats.slot_mass.shape == (1, 2, 2)
 
 
+@needs_ext
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_fold_max_abs(dtype):
+    """acc = max(acc, largest |x| per row) over several tensors, as torch.maximum of
+    abs().amax() (NaN kept, +-Inf as Inf), odd row lengths, a strided input."""
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(3, 37, 5, generator=g).to(dtype), torch.randn(3, 1500, generator=g).to(dtype),
+          torch.randn(3, 4, 9, generator=g).to(dtype).transpose(1, 2)]  # fmt: skip
+    xs[0][1, 3, 2] = float("nan")
+    xs[1][2, 1400] = -float("inf")
+    acc = torch.tensor([0.5, 100.0, float("nan")])
+    want = acc.clone()
+    for x in xs:
+        want = torch.maximum(want, x.float().abs().flatten(1).amax(1))
+    _cuda.ops().fold_max_abs(acc, xs)
+    torch.testing.assert_close(acc, want, atol=0, rtol=0, equal_nan=True)
+    assert acc[0] > 0.5 and torch.isnan(acc[1:]).all()
+    torch.library.opcheck(_cuda.ops().fold_max_abs.default, (torch.zeros(3), xs))
+    with pytest.raises(RuntimeError, match="rows"):
+        _cuda.ops().fold_max_abs(torch.zeros(2), xs)
+
+
+@needs_ext
+def test_health_check_through_the_extension_equals_torch():
+    """CacheHealth.check_call on CPU (fold_max_abs) and its PyTorch path (used on GPUs)
+    keep the same running maxima and return the same cleaned K/V."""
+    from dysink_kernels.health import CacheHealth
+
+    g = torch.Generator().manual_seed(1)
+    fast, slow = CacheHealth(3, torch.device("cpu")), CacheHealth(3, torch.device("cpu"))
+    assert fast._fold is not None
+    slow._fold = None
+    for step in range(4):
+        q, k, v = (torch.randn(3, 6, 2, 8, generator=g) for _ in range(3))
+        if step == 1:
+            k[1, 2, 0, 3] = float("nan")
+        if step == 2:
+            q[2, 0, 1, 1] = float("inf")
+        commit = step % 2 == 1
+        got, want = fast.check_call(q, k, v, commit), slow.check_call(q, k, v, commit)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        torch.testing.assert_close(fast._largest, slow._largest, atol=0, rtol=0, equal_nan=True)
+    assert torch.equal(fast.flags, slow.flags)
+    assert fast.flags[0].tolist() == [False, True, True] and fast.flags[1].tolist()[1]
+
+
 def test_build_info_and_availability():
     assert set(INFO) == {"built", "with_cuda", "cuda_archs", "cuda_runtime", "path", "error"}
     assert _cuda.available(torch.device("cpu")) == INFO["built"]
