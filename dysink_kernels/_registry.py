@@ -177,7 +177,7 @@ def define_op(
     ``torch.compile``. Arguments annotated ``(a!)`` in the schema are declared
     mutated. Returns the entry point (call it positionally or by argument name): plain
     eager calls run the backend directly (``_plain_eager``), every other call goes
-    through the custom op, which ``entry.op`` holds.
+    through the custom op ``torch.ops.dysink.<name>``.
     """
     parsed = torch._C.parse_schema(f"{NAMESPACE}::{name}{schema}")
     fields = [a.name for a in parsed.arguments]
@@ -208,7 +208,6 @@ def define_op(
             return run(*args, **kwargs)
         return op(*args, **kwargs)
 
-    entry.op = op
     return entry
 
 

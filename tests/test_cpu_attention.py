@@ -332,6 +332,6 @@ def test_opcheck(backend):
     ]
     for tail in variants:
         torch.library.opcheck(torch.ops.dysink.gathered_sink_attention, (*common, *tail, backend))
-        if backend == "csrc":  # the C++ op itself, as the package calls it on CPU
+        if backend == "csrc":  # the C++ op the backend calls
             torch.library.opcheck(torch.ops.dysink_C.gathered_sink_attention,
                                   (*common, *tail))  # fmt: skip

@@ -13,7 +13,6 @@ import math
 
 import torch
 
-from ... import _registry
 from ..._backends import csrc_available
 from ..._registry import define_op, register_backend
 from ..._validate import (
@@ -135,29 +134,12 @@ def gathered_sink_attention_general(
     bank slots, ranges of a local buffer, current keys, re-positioning, fp8 scales)
     and returns ``(out, stats)`` like the public function. Index values are trusted
     (not read); empty problems and ``head_dim`` 0 are settled as in the public form.
-
-    ``backend`` is resolved once here; the op is called with the name it resolved to.
-    When that is ``csrc`` (CPU), the C++ op
-    ``torch.ops.dysink_C.gathered_sink_attention`` is called directly: it is a torch op
-    itself (a Meta kernel serves ``torch.compile``) and settles empty problems the same
-    way, so the Python custom op around it would only add per-call cost.
     """
-    args = (q, pool_k, pool_v, slot_idx, local_k, local_v, local_ranges, cur_k, cur_v)
-    name, _ = _registry.resolve_backend(OP_NAME, backend, q.device)
-    if name == "csrc" and q.device.type == "cpu":
-        D = q.shape[3]
-        if D == 0:
-            raise ValueError(f"q.shape[3] (head_dim) must be > 0, got shape {tuple(q.shape)}")
-        scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
-        out, lse, ent, mass = torch.ops.dysink_C.gathered_sink_attention(
-            *args, scale, bool(return_stats), slot_delta, float(rope_theta),
-            pool_k_scale, pool_v_scale,
-        )  # fmt: skip
-    else:
-        out, lse, ent, mass = gathered_sink_attention_op(
-            *args, softmax_scale, return_stats, slot_delta, rope_theta, pool_k_scale,
-            pool_v_scale, name,
-        )  # fmt: skip
+    out, lse, ent, mass = gathered_sink_attention_op(
+        q, pool_k, pool_v, slot_idx, local_k, local_v, local_ranges, cur_k, cur_v,
+        softmax_scale, return_stats, slot_delta, rope_theta, pool_k_scale, pool_v_scale,
+        backend,
+    )  # fmt: skip
     if lse.dim() != 3:  # no statistics asked
         return out, None
     return out, SinkAttnStats(lse=lse, entropy=ent, slot_mass=mass)
