@@ -4,7 +4,6 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/core/TensorBody.h>
 
 #include <optional>
 #include <tuple>
